@@ -1,0 +1,234 @@
+"""Wire protocol between the cachemgr daemon (ZeroMQ ROUTER) and compute workers (DEALER).
+
+Every frame is one msgpack-encoded msgspec Struct from a tagged union, one union per direction.
+Token and page id arrays are raw little-endian int32 bytes (see shared.ids); request ids are 16 raw
+bytes. Nothing is ever pickled.
+
+Request lifecycle (worker's view)::
+
+    daemon                                   worker
+      | --- Dispatch(tokens, prefix pages, new pages) --> |  prefill the uncached suffix only
+      | <-- Commit(tokens[:k*page], pages[:k]) ---------- |  after the kernels that wrote them finished
+      | --- CommitAck(pages now backing the prefix) ----> |  use these ids from now on
+      | <-- Generated(token ids) ... -------------------- |  streamed, a few tokens per frame
+      | <-- PageRequest(n) ------------------------------ |  decode ran out of pages (chunks, not per token)
+      | --- PagesGranted(ids) --------------------------> |
+      | <-- Finished(reason, final commit) -------------- |  daemon commits full pages, releases the lease
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # anything larger is dropped unread
+
+
+class ErrorCode(enum.Enum):
+    MALFORMED = "malformed"  # undecodable bytes, unknown tag, wrong field types
+    BAD_VERSION = "bad_version"
+    NOT_REGISTERED = "not_registered"
+    UNKNOWN_REQUEST = "unknown_request"
+    BAD_PAGES = "bad_pages"  # page ids not in the sender's lease, or not matching the tokens
+    NO_ROOM = "no_room"
+    TOO_LARGE = "too_large"
+    INTERNAL = "internal"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS or a stop string / stop token
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # the daemon aborted it (client gone) or an error
+
+
+class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Decoding parameters (OpenAI semantics). temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError with a user-facing message for out-of-range values."""
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError("temperature must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise ValueError("stop: at most 16 non-empty strings of at most 256 characters")
+
+
+class PoolDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a worker maps the KV pool: a shared-memory file (CPU) or a CUDA IPC handle (GPU)."""
+
+    kind: str  # "shm" | "cuda_ipc"
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    shm_path: str = ""  # kind == "shm": a file under /dev/shm
+    ipc_handle: bytes = b""  # kind == "cuda_ipc": cudaIpcMemHandle_t (64 bytes)
+    device_index: int = 0
+    device_uuid: str = ""
+    num_bytes: int = 0
+    generation: int = 0  # bumps on every daemon start: a reconnecting worker remaps
+
+
+# ---------------------------------------------------------------- worker -> daemon
+
+
+class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_fields=True):
+    protocol_version: int
+    pid: int
+    device: str  # "cpu", "cuda:0", ...
+    max_running: int  # requests it batches at once
+    model: str
+    name: str = ""
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", forbid_unknown_fields=True):
+    num_running: int
+    num_waiting: int
+    kv_tokens_in_use: int = 0
+
+
+class Commit(msgspec.Struct, frozen=True, tag="commit", forbid_unknown_fields=True):
+    """Make full pages visible to other requests. tokens are from position 0, page-aligned; page_ids back
+    them one per page. Sent only after the kernels that wrote those pages have completed."""
+
+    request_id: bytes
+    tokens: bytes
+    page_ids: bytes
+
+
+class PageRequest(msgspec.Struct, frozen=True, tag="page_request", forbid_unknown_fields=True):
+    request_id: bytes
+    num_pages: int
+
+
+class Generated(msgspec.Struct, frozen=True, tag="generated", forbid_unknown_fields=True):
+    """New output tokens of one request (a few per frame: no per-token round trip is required)."""
+
+    request_id: bytes
+    tokens: bytes
+
+
+class Finished(msgspec.Struct, frozen=True, tag="finished", forbid_unknown_fields=True):
+    """The request is done. The daemon commits tokens/page_ids (full pages of prompt + output) and
+    releases the lease. Sent after the last Generated frame of the request."""
+
+    request_id: bytes
+    reason: FinishReason
+    tokens: bytes = b""
+    page_ids: bytes = b""
+    stop_text: str = ""  # the stop string that ended it, if any
+
+
+class WorkerError(msgspec.Struct, frozen=True, tag="worker_error", forbid_unknown_fields=True):
+    """The worker failed a request (request_id set) or itself (empty request_id)."""
+
+    code: ErrorCode
+    message: str
+    request_id: bytes = b""
+
+
+class Goodbye(msgspec.Struct, frozen=True, tag="goodbye", forbid_unknown_fields=True):
+    """Clean shutdown: the daemon re-dispatches anything still running on this worker."""
+
+    reason: str = ""
+
+
+WorkerToDaemon = Register | Heartbeat | Commit | PageRequest | Generated | Finished | WorkerError | Goodbye
+
+# ---------------------------------------------------------------- daemon -> worker
+
+
+class Welcome(msgspec.Struct, frozen=True, tag="welcome", forbid_unknown_fields=True):
+    protocol_version: int
+    worker_id: int
+    pool: PoolDescriptor
+    model: str
+    heartbeat_interval_s: float
+    decode_page_chunk: int  # pages to ask for at once while decoding
+
+
+class Dispatch(msgspec.Struct, frozen=True, tag="dispatch", forbid_unknown_fields=True):
+    """Run one request. Positions [0, matched_len) are cached in prefix_page_ids (read-only, shared);
+    compute [matched_len, len(tokens)) writing K/V into new_page_ids, in order::
+
+        tokens:  |<---- matched_len ---->|<------ suffix ------>|
+        pages:   | prefix_page_ids ...   | new_page_ids ...  (+ spare pages for decoding)
+    """
+
+    request_id: bytes
+    tokens: bytes
+    matched_len: int
+    prefix_page_ids: bytes
+    new_page_ids: bytes
+    sampling: SamplingParams
+    attempt: int = 0  # > 0 when re-dispatched after a worker died
+
+
+class CommitAck(msgspec.Struct, frozen=True, tag="commit_ack", forbid_unknown_fields=True):
+    """page_ids now back the committed tokens: where another request committed the same tokens first,
+    the tree's pages replace the sender's (whose duplicates are freed)."""
+
+    request_id: bytes
+    page_ids: bytes
+
+
+class PagesGranted(msgspec.Struct, frozen=True, tag="pages_granted", forbid_unknown_fields=True):
+    request_id: bytes
+    page_ids: bytes
+
+
+class Abort(msgspec.Struct, frozen=True, tag="abort", forbid_unknown_fields=True):
+    request_id: bytes
+    reason: str = ""
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown", forbid_unknown_fields=True):
+    reason: str = ""
+
+
+class ErrorReply(msgspec.Struct, frozen=True, tag="error", forbid_unknown_fields=True):
+    """A typed error for a message the daemon could not accept. Nothing changed on the daemon."""
+
+    code: ErrorCode
+    message: str
+    request_id: bytes = b""
+
+
+DaemonToWorker = Welcome | Dispatch | CommitAck | PagesGranted | Abort | Shutdown | ErrorReply
+
+
+class Codec:
+    """One encoder and one typed decoder per direction (msgspec caches the schema)."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._to_daemon = msgspec.msgpack.Decoder(WorkerToDaemon)
+        self._to_worker = msgspec.msgpack.Decoder(DaemonToWorker)
+
+    def encode(self, msg: WorkerToDaemon | DaemonToWorker) -> bytes:
+        return self._encoder.encode(msg)
+
+    def decode_from_worker(self, data: bytes) -> WorkerToDaemon:
+        """Raises msgspec.DecodeError / msgspec.ValidationError on anything malformed."""
+        return self._to_daemon.decode(data)
+
+    def decode_from_daemon(self, data: bytes) -> DaemonToWorker:
+        return self._to_worker.decode(data)
