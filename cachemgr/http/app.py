@@ -1,0 +1,199 @@
+"""The OpenAI-compatible HTTP API of the daemon (aiohttp).
+
+    GET  /health               200 when at least one worker is registered, else 503
+    GET  /metrics              Prometheus text (no prompt content)
+    GET  /v1/models            the served model
+    POST /v1/completions       prompt (text or token ids) -> text, streamed (SSE) or not
+    POST /v1/chat/completions  messages -> chat template -> tokens -> assistant message
+
+Handlers run on the daemon's event loop; tokenizing and chat templating run in the loop's executor.
+The app keeps no request state of its own: the daemon owns every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from cachemgr.cache import Namespace
+from cachemgr.http.auth import AccessPolicy
+from cachemgr.http.errors import APIError, bad_request, internal_error, model_not_found
+from cachemgr.http.generate import Generation, respond, submit
+from cachemgr.http.parse import CommonParams, parse_chat, parse_completion
+from cachemgr.http.shapes import ResponseShape
+from cachemgr.http.tokens import TokenizerAdapter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# OpenAI's default for /v1/completions; chat has no limit there, ours is bounded so a forgotten
+# max_tokens can't hold a worker slot for minutes.
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+DEFAULT_CHAT_MAX_TOKENS = 1024
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Api:
+    """The handlers, closed over their dependencies (no module globals)."""
+
+    def __init__(
+        self, daemon: Any, tokenizer: TokenizerAdapter, model_name: str, metrics: Any, access: AccessPolicy
+    ) -> None:
+        self.daemon = daemon
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.metrics = metrics
+        self.access = access
+        self.created = int(time.time())
+
+    async def health(self, request: web.Request) -> web.Response:
+        num_workers = len(self.daemon.workers_info())
+        ok = num_workers > 0
+        body = {"status": "ok" if ok else "no_workers", "workers": num_workers, "model": self.model_name}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise APIError(404, "Metrics are not enabled.", code="not_found")
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "radixkv"}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.model_name:
+            raise model_not_found(request.match_info["model"])
+        return web.json_response(self._model_card())
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_completion(await _json_body(request))
+        self._check_model(parsed.params)
+        if isinstance(parsed.prompt, str):
+            token_ids = await self._off_loop(self.tokenizer.encode, parsed.prompt)
+        else:
+            token_ids = self.tokenizer.check_ids(parsed.prompt, "prompt")
+        return await self._generate(request, parsed.params, token_ids, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_chat(await _json_body(request))
+        self._check_model(parsed.params)
+        token_ids = await self._off_loop(self.tokenizer.encode_chat, list(parsed.messages))
+        return await self._generate(request, parsed.params, token_ids, chat=True)
+
+    def _check_model(self, params: CommonParams) -> None:
+        # A missing model means "the one you serve", as vLLM does; a wrong one is a 404 like OpenAI's.
+        if params.model is not None and params.model != self.model_name:
+            raise model_not_found(params.model)
+
+    async def _off_loop(self, fn: Callable[..., list[int]], arg: Any) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, arg)
+
+    async def _generate(
+        self, request: web.Request, params: CommonParams, token_ids: list[int], *, chat: bool
+    ) -> web.StreamResponse:
+        if not token_ids:
+            raise bad_request("The prompt is empty after tokenization.", param="prompt")
+        self.tokenizer.check_ids(params.stop_token_ids, "stop_token_ids")
+        default_max = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
+        request_id = uuid.uuid4().bytes
+        gen = Generation(
+            shape=ResponseShape(
+                id=("chatcmpl-" if chat else "cmpl-") + request_id.hex(),
+                created=int(time.time()),
+                model=self.model_name,
+                chat=chat,
+            ),
+            token_ids=token_ids,
+            sampling=params.sampling(default_max),
+            stream=params.stream,
+            include_usage=params.include_usage,
+        )
+        namespace = self.daemon_namespace(request["api_key"], params.cache_salt)
+        stream = await submit(self.daemon, namespace, gen, request_id)
+        return await respond(request, stream, gen, self.tokenizer.decoder())
+
+    def daemon_namespace(self, api_key: str | None, client_salt: str) -> Namespace:
+        return Namespace(model=self.model_name, salt=self.access.cache_salt(api_key, client_salt))
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, "The request body is too large.", code="request_too_large") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("We could not parse the JSON body of your request.", code="invalid_json") from None
+
+
+def _error_middleware(
+    access: AccessPolicy,
+) -> Callable[[web.Request, _Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        try:
+            # /health and /metrics stay open for probes and scrapers; they carry no prompt content.
+            request["api_key"] = (
+                access.authenticate(request.headers.get("Authorization"))
+                if request.path.startswith("/v1/")
+                else None
+            )
+            return await handler(request)
+        except APIError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return APIError(exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_")).response()
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return internal_error().response()
+
+    return middleware
+
+
+def build_http_app(
+    daemon: Any,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    metrics: Any = None,
+    api_keys: frozenset[str] = frozenset(),
+    salt_from_api_key: bool = False,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    vocab_size: int | None = None,
+) -> web.Application:
+    """The OpenAI-compatible app over `daemon` (the Daemon facade) and `tokenizer` (shared.tokenizer).
+
+    api_keys: when non-empty, /v1/* needs `Authorization: Bearer <key>`. salt_from_api_key: each key
+    gets its own cache namespace (see cachemgr.http.auth). vocab_size bounds token-id prompts (default:
+    the tokenizer's). Raises ValueError for an inconsistent configuration."""
+    if max_request_bytes < 1024:
+        raise ValueError("max_request_bytes must be at least 1024")
+    if not model_name:
+        raise ValueError("model_name must be non-empty")
+    access = AccessPolicy(api_keys=frozenset(api_keys), salt_from_api_key=salt_from_api_key)
+    api = _Api(daemon, TokenizerAdapter(tokenizer, vocab_size), model_name, metrics, access)
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[_error_middleware(access)])
+    app.router.add_get("/health", api.health)
+    app.router.add_get("/metrics", api.metrics_text)
+    app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/v1/models/{model}", api.model)
+    app.router.add_post("/v1/completions", api.completions)
+    app.router.add_post("/v1/chat/completions", api.chat_completions)
+    return app

@@ -1,0 +1,235 @@
+"""Request bodies of /v1/completions and /v1/chat/completions -> validated, immutable requests.
+
+Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (n > 1, logprobs, echo,
+tools) are refused with a 400 naming the field, rather than silently answered differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cachemgr.http.errors import bad_request
+from shared.protocol import SamplingParams
+
+MAX_STOP_STRINGS = 16
+MAX_TOKEN_ID_PROMPT = 1 << 20  # longer than any context we serve; refused before touching the daemon
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True, slots=True)
+class CommonParams:
+    """What both endpoints share. `max_tokens` is None when the client sent none."""
+
+    model: str | None
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+    cache_salt: str
+    user: str | None
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """SamplingParams for the daemon. Raises APIError 400 for out-of-range values."""
+        params = SamplingParams(
+            max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+        )
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise bad_request(str(exc), param=str(exc).split(" ", 1)[0].rstrip(":")) from None
+        return params
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    prompt: str | tuple[int, ...]
+    params: CommonParams
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: tuple[dict[str, str], ...]  # {"role": ..., "content": text}, content flattened to text
+    params: CommonParams
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    """Validate a /v1/completions body. Raises APIError 400 naming the offending field."""
+    _require_object(body)
+    _refuse_unsupported(body)
+    if body.get("echo"):
+        raise bad_request("echo is not supported", param="echo")
+    if "prompt" not in body:
+        raise bad_request("'prompt' is a required property", param="prompt")
+    return CompletionRequest(prompt=_prompt(body["prompt"]), params=_common(body, "max_tokens"))
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    """Validate a /v1/chat/completions body. Raises APIError 400 naming the offending field."""
+    _require_object(body)
+    _refuse_unsupported(body)
+    for name in ("tools", "functions", "response_format"):
+        if body.get(name) not in (None, [], {"type": "text"}):
+            raise bad_request(f"{name} is not supported", param=name)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array", param="messages")
+    parsed = tuple(_message(m, i) for i, m in enumerate(messages))
+    max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return ChatRequest(messages=parsed, params=_common(body, max_field))
+
+
+def _require_object(body: Any) -> None:
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    if body.get("n") not in (None, 1):
+        raise bad_request("Only n=1 is supported.", param="n")
+    if body.get("best_of") not in (None, 1):
+        raise bad_request("Only best_of=1 is supported.", param="best_of")
+    if body.get("logprobs") not in (None, False, 0):
+        raise bad_request("logprobs are not supported.", param="logprobs")
+
+
+def _prompt(value: Any) -> str | tuple[int, ...]:
+    # OpenAI accepts a batch (list of prompts); we serve one prompt per request (n=1), so a batch of one
+    # is unwrapped and a larger batch is refused.
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    if isinstance(value, str):
+        if not value:
+            raise bad_request("The prompt must not be empty.", param="prompt")
+        return value
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        if len(value) > MAX_TOKEN_ID_PROMPT:
+            raise bad_request("The prompt has too many tokens.", param="prompt")
+        return tuple(value)
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        raise bad_request("Batched prompts are not supported: send one prompt per request.", param="prompt")
+    raise bad_request(
+        "'prompt' must be a non-empty string or a non-empty array of token ids.", param="prompt"
+    )
+
+
+def _message(value: Any, index: int) -> dict[str, str]:
+    param = f"messages[{index}]"
+    if not isinstance(value, dict):
+        raise bad_request(f"{param} must be an object", param=param)
+    role = value.get("role")
+    if role not in CHAT_ROLES:
+        raise bad_request(f"{param}.role must be one of {sorted(CHAT_ROLES)}", param=f"{param}.role")
+    content = value.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, list):
+        content = _text_parts(content, f"{param}.content")
+    if not isinstance(content, str):
+        raise bad_request(
+            f"{param}.content must be a string or an array of text parts", param=f"{param}.content"
+        )
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _text_parts(parts: list[Any], param: str) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise bad_request(f"{param}: only text parts are supported", param=param)
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _common(body: dict[str, Any], max_field: str) -> CommonParams:
+    stream = _opt(body, "stream", bool, False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("stream_options must be an object", param="stream_options")
+    include_usage = _opt(options or {}, "include_usage", bool, False, param="stream_options.include_usage")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string", param="model")
+    return CommonParams(
+        model=model,
+        max_tokens=_opt_int(body, max_field),
+        temperature=_opt_float(body, "temperature", 1.0),
+        top_p=_opt_float(body, "top_p", 1.0),
+        top_k=_opt_int(body, "top_k") or 0,
+        seed=_opt_int(body, "seed"),
+        stop=_stop(body.get("stop")),
+        stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
+        ignore_eos=_opt(body, "ignore_eos", bool, False),
+        stream=stream,
+        include_usage=stream and include_usage,
+        cache_salt=_opt(body, "cache_salt", str, ""),
+        user=_opt(body, "user", str, None),
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opt(body: dict[str, Any], name: str, kind: type, default: Any, param: str | None = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise bad_request(f"{param or name} must be a {kind.__name__}", param=param or name)
+    return value
+
+
+def _opt_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or not -(2**63) <= value < 2**63:
+        raise bad_request(f"{name} must be an integer", param=name)
+    return value
+
+
+def _opt_float(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise bad_request(f"{name} must be a number", param=name)
+    return float(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and s for s in value)
+    ):
+        raise bad_request(
+            f"stop must be a non-empty string or at most {MAX_STOP_STRINGS} of them", param="stop"
+        )
+    return tuple(value)
+
+
+def _token_ids(value: Any, name: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(_is_int(t) and t >= 0 for t in value):
+        raise bad_request(f"{name} must be an array of token ids", param=name)
+    return tuple(value)

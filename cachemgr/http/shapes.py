@@ -1,0 +1,91 @@
+"""OpenAI response objects, exactly as the official API shapes them (non-streamed and streamed).
+
+Only plain dicts: the handlers serialize them with json. One `ResponseShape` per request knows its id,
+creation time and model, so every chunk of a stream repeats them like OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON object."""
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseShape:
+    """Builds the objects of one response. `chat` selects chat.completion vs text_completion shapes."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def _head(self, object_name: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish_reason: str, usage_body: dict[str, Any]) -> dict[str, Any]:
+        """The whole (non-streamed) response."""
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            body = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            body = self._head("text_completion")
+        body["choices"] = [choice]
+        body["usage"] = usage_body
+        body["system_fingerprint"] = None
+        return body
+
+    def chunk(
+        self, text: str, finish_reason: str | None, *, first: bool = False, with_usage: bool = False
+    ) -> dict[str, Any]:
+        """One streamed chunk. The first chat chunk carries the assistant role; with include_usage every
+        chunk has "usage": null until the final usage-only chunk."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+            if finish_reason is not None and not text:
+                delta = {}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            body = self._head("chat.completion.chunk")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            body = self._head("text_completion")
+        body["choices"] = [choice]
+        body["system_fingerprint"] = None
+        if with_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, usage_body: dict[str, Any]) -> dict[str, Any]:
+        """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
+        body = self._head("chat.completion.chunk" if self.chat else "text_completion")
+        body["choices"] = []
+        body["system_fingerprint"] = None
+        body["usage"] = usage_body
+        return body

@@ -1,0 +1,46 @@
+"""The tokenizer as the HTTP layer uses it: encode (text, chat), validate token ids, and a fresh
+incremental detokenizer per request. Encoding is called from the loop's executor, never on the loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cachemgr.http.errors import bad_request
+
+
+class TokenizerAdapter:
+    """Wraps shared.tokenizer.Tokenizer. Stateless apart from the wrapped tokenizer (thread-safe for
+    encoding); `decoder()` makes per-request state."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
+        if self.vocab_size <= 0:
+            raise ValueError("vocab_size must be positive")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render the chat template (ending with the assistant's turn opener) and tokenize it."""
+        try:
+            rendered = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as exc:  # the template refused the conversation (e.g. roles out of order)
+            raise bad_request(f"Invalid conversation: {exc}", param="messages") from None
+        return list(self._tokenizer.encode(rendered))
+
+    def check_ids(self, token_ids: Sequence[int], param: str) -> list[int]:
+        """Raise APIError 400 unless every id is a valid token of the model's vocabulary."""
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(
+                f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param=param
+            )
+        return list(token_ids)
+
+    def decoder(self) -> Callable[[Sequence[int]], str]:
+        """A new incremental detokenizer: call it with each batch of new output tokens, get the text they
+        complete (partial UTF-8 sequences are held until the next tokens finish them)."""
+        detokenizer = self._tokenizer.incremental_detokenizer()
+        return detokenizer.push
