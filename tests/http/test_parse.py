@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import pytest
+
+from cachemgr.http.errors import APIError
+from cachemgr.http.parse import parse_chat, parse_completion
+from shared.protocol import SamplingParams
+
+
+def _error(fn, body) -> tuple[int, str | None, str]:
+    with pytest.raises(APIError) as info:
+        fn(body)
+    return info.value.status, info.value.param, info.value.message
+
+
+def test_completion_defaults_and_unknown_fields_ignored() -> None:
+    req = parse_completion({"prompt": "hi", "frobnicate": 3, "model": "m"})
+    assert req.prompt == "hi"
+    p = req.params
+    assert (p.model, p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed) == ("m", None, 1.0, 1.0, 0, None)
+    assert (p.stop, p.stream, p.include_usage, p.cache_salt, p.user) == ((), False, False, "", None)
+    assert p.sampling(16) == SamplingParams(max_tokens=16)
+
+
+def test_completion_all_fields() -> None:
+    req = parse_completion(
+        {
+            "prompt": [[5, 6, 7]],
+            "max_tokens": 9,
+            "temperature": 0,
+            "top_p": 0.5,
+            "top_k": 4,
+            "seed": 11,
+            "stop": "END",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "cache_salt": "tenant-a",
+            "user": "u1",
+            "ignore_eos": True,
+            "stop_token_ids": [2],
+        }
+    )
+    assert req.prompt == (5, 6, 7)
+    assert req.params.sampling(16) == SamplingParams(
+        max_tokens=9,
+        temperature=0.0,
+        top_p=0.5,
+        top_k=4,
+        seed=11,
+        stop=["END"],
+        stop_token_ids=[2],
+        ignore_eos=True,
+    )
+    assert (req.params.stream, req.params.include_usage, req.params.cache_salt, req.params.user) == (
+        True,
+        True,
+        "tenant-a",
+        "u1",
+    )
+
+
+def test_include_usage_only_applies_to_streams() -> None:
+    assert (
+        parse_completion({"prompt": "x", "stream_options": {"include_usage": True}}).params.include_usage
+        is False
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "x", "max_tokens": "3"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "stop": ["a", 3]}, "stop"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "stream_options": []}, "stream_options"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "cache_salt": 7}, "cache_salt"),
+        ({"prompt": "x", "model": 7}, "model"),
+        ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
+def test_completion_bad_fields_name_the_param(body, param) -> None:
+    status, got_param, _ = _error(parse_completion, body)
+    assert (status, got_param) == (400, param)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("max_tokens", 0, "max_tokens"),
+        ("temperature", -1, "temperature"),
+        ("top_p", 0, "top_p"),
+        ("top_k", -2, "top_k"),
+    ],
+)
+def test_out_of_range_sampling_is_400(field, value, param) -> None:
+    params = parse_completion({"prompt": "x", field: value}).params
+    with pytest.raises(APIError) as info:
+        params.sampling(16)
+    assert (info.value.status, info.value.param) == (400, param)
+
+
+def test_chat_messages_flattened_and_max_completion_tokens_preferred() -> None:
+    req = parse_chat(
+        {
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": None},
+            ],
+            "max_tokens": 5,
+            "max_completion_tokens": 7,
+        }
+    )
+    assert req.messages == (
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": ""},
+    )
+    assert req.params.max_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ],
+)
+def test_chat_bad_fields(body, param) -> None:
+    status, got_param, _ = _error(parse_chat, body)
+    assert (status, got_param) == (400, param)
+
+
+def test_non_object_body() -> None:
+    assert _error(parse_chat, [1, 2])[:2] == (400, None)
