@@ -1,0 +1,1 @@
+"""The worker's continuous-batching engine: requests, scheduling, sampling, stop strings."""

@@ -1,0 +1,351 @@
+"""The continuous-batching engine of one worker: requests in, forward passes, wire messages out.
+
+Threading: every method runs on one thread at a time. The worker runtime calls the event methods
+(`add`, `abort`, `on_commit_ack`, ...) and `step` from its driver, never concurrently; `step` is the only
+one that touches the model or the pool, and it may run on a compute thread while the event loop only
+reads the counters. Messages for the daemon accumulate in an outbox that `take_messages` empties, in the
+order they must be sent (for a request: Generated frames, Commit, PageRequest, ..., Finished last).
+
+Page ownership follows the Dispatch contract (shared.protocol): prefix pages are read-only; the prompt's
+new full pages are committed once their K/V is written (after the step that wrote them returned), and the
+request stays out of the batch until the CommitAck says which pages back them (the daemon frees
+duplicates, which another request may then overwrite). Finished carries every written full page.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from computeworker.engine.request import Phase, Request
+from computeworker.engine.sampling import RowSampling, make_generator, sample_batch
+from computeworker.engine.scheduler import build_batch, plan_step
+from computeworker.engine.stop import StopStringMatcher, TextDecoder
+from computeworker.model.batch import AttentionBackend, ForwardBatch
+from shared.ids import bytes_to_ids, ids_to_bytes
+from shared.protocol import (
+    Commit,
+    CommitAck,
+    Dispatch,
+    ErrorCode,
+    ErrorReply,
+    Finished,
+    FinishReason,
+    Generated,
+    PageRequest,
+    PagesGranted,
+    WorkerToDaemon,
+)
+
+STOP_CONTEXT_TOKENS = 6  # prompt tokens the detokenizer sees before the output, for correct spacing
+
+
+class PagedModel(Protocol):
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_pool: torch.Tensor,
+        attention: AttentionBackend,
+        all_logits: bool = False,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    page_size: int
+    context_len: int  # the model's maximum positions
+    eos_token_ids: tuple[int, ...] = ()
+    max_running: int = 16
+    prefill_chunk: int = 512
+    decode_page_chunk: int = 4
+    stream_max_tokens: int = 4  # flush a Generated frame at this many tokens ...
+    stream_interval_s: float = 0.02  # ... or when the oldest unsent token is this old
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "context_len", "max_running", "prefill_chunk", "decode_page_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stream_max_tokens < 1 or self.stream_interval_s < 0:
+            raise ValueError("stream_max_tokens must be >= 1 and stream_interval_s >= 0")
+
+
+class Engine:
+    def __init__(
+        self,
+        model: PagedModel,
+        attention: AttentionBackend,
+        pool: torch.Tensor,
+        decoder: TextDecoder,
+        config: EngineConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if pool.dim() != 6 or pool.shape[3] != config.page_size:
+            raise ValueError(f"pool shape {tuple(pool.shape)} does not match page_size {config.page_size}")
+        self._model = model
+        self._attention = attention
+        self._pool = pool
+        self._decoder = decoder
+        self.config = config
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._running: dict[bytes, Request] = {}
+        self._waiting: deque[Request] = deque()
+        self._outbox: list[WorkerToDaemon] = []
+
+    # ------------------------------------------------------------------ counters (any thread may read)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_tokens_in_use(self) -> int:
+        return sum(r.num_computed for r in list(self._running.values()))
+
+    def has_work(self) -> bool:
+        """Whether `step` would run a forward pass now."""
+        return any(r.can_step() for r in self._running.values())
+
+    def get(self, request_id: bytes) -> Request | None:
+        return self._running.get(request_id) or next(
+            (r for r in self._waiting if r.request_id == request_id), None
+        )
+
+    # ------------------------------------------------------------------ events from the daemon
+
+    def add(self, msg: Dispatch) -> None:
+        """Accept a dispatched request (queued if max_running are running). Raises ValueError, changing
+        nothing, if the dispatch is inconsistent (page counts, ids outside the pool, duplicate id)."""
+        req = self._make_request(msg)
+        if req.finish_reason is None and req.num_free_slots == 0 and req.pages_still_needed() == 0:
+            raise ValueError("dispatch leaves no page for the prompt")
+        self._waiting.append(req)
+        self._admit()
+
+    def abort(self, request_id: bytes) -> bool:
+        """Drop a request and its state; nothing is sent (the daemon releases the lease)."""
+        if self._running.pop(request_id, None) is not None:
+            self._admit()
+            return True
+        for req in self._waiting:
+            if req.request_id == request_id:
+                self._waiting.remove(req)
+                return True
+        return False
+
+    def on_commit_ack(self, msg: CommitAck) -> None:
+        """Switch the committed prompt pages to the ids the tree now holds. Raises ValueError if the ack
+        does not match a commit in flight."""
+        req = self._running.get(msg.request_id)
+        page_ids = bytes_to_ids(msg.page_ids).tolist()
+        if req is None or req.phase is not Phase.AWAIT_COMMIT or len(page_ids) != req.num_committed_pages:
+            raise ValueError(f"unexpected CommitAck for {msg.request_id.hex()}")
+        self._check_page_ids(page_ids)
+        req.page_table[: len(page_ids)] = page_ids
+        req.phase = Phase.RUNNING
+        self._service(req)
+
+    def on_pages_granted(self, msg: PagesGranted) -> None:
+        req = self._running.get(msg.request_id)
+        page_ids = bytes_to_ids(msg.page_ids).tolist()
+        if req is None or not req.pages_requested:
+            raise ValueError(f"unexpected PagesGranted for {msg.request_id.hex()}")
+        self._check_page_ids(page_ids)
+        req.page_table.extend(page_ids)
+        req.pages_requested = False
+        self._service(req)
+
+    def on_error(self, msg: ErrorReply) -> None:
+        """A request-level error from the daemon. NO_ROOM: the request finishes (LENGTH) when its pages
+        run out. A rejected prompt commit: keep the request's own pages. Anything else: abort it."""
+        req = self._running.get(msg.request_id)
+        if req is None:
+            return
+        if msg.code is ErrorCode.NO_ROOM and req.pages_requested:
+            req.pages_requested = False
+            req.out_of_pages = True
+        elif msg.code is ErrorCode.BAD_PAGES and req.phase is Phase.AWAIT_COMMIT:
+            req.phase = Phase.RUNNING
+        else:
+            req.finish(FinishReason.ABORT)
+        self._service(req)
+
+    def reset(self) -> int:
+        """Forget every request (the daemon that dispatched them is gone). Returns how many."""
+        count = len(self._running) + len(self._waiting)
+        self._running.clear()
+        self._waiting.clear()
+        self._outbox.clear()
+        return count
+
+    def take_messages(self) -> list[WorkerToDaemon]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    # ------------------------------------------------------------------ compute
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Run one forward pass over the scheduled work, sample, and queue the resulting messages.
+        Returns the number of tokens computed (0 when nothing could run)."""
+        entries = plan_step(list(self._running.values()), self.config.prefill_chunk)
+        if not entries:
+            return 0
+        for entry in entries:
+            req = entry.request
+            if req.cow_source is not None:
+                private = req.page_table[req.num_computed // self.config.page_size]
+                self._pool[:, private].copy_(self._pool[:, req.cow_source])
+                req.cow_source = None
+        batch = build_batch(entries, self.config.page_size, self._pool.device)
+        logits = self._model.forward(batch, self._pool, self._attention)
+        sampling_rows = [i for i, e in enumerate(entries) if e.samples]
+        tokens = sample_batch(
+            logits[sampling_rows],
+            [RowSampling(entries[i].request.sampling, entries[i].request.generator) for i in sampling_rows],
+        )
+        sampled = dict(zip(sampling_rows, tokens, strict=True))
+        for i, entry in enumerate(entries):
+            entry.request.num_computed += entry.num_tokens
+            if i in sampled:
+                self._accept_token(entry.request, sampled[i])
+        for req in list(self._running.values()):
+            self._service(req)
+        return batch.num_tokens
+
+    # ------------------------------------------------------------------ internals
+
+    def _make_request(self, msg: Dispatch) -> Request:
+        ps = self.config.page_size
+        prompt = bytes_to_ids(msg.tokens).tolist()
+        prefix = bytes_to_ids(msg.prefix_page_ids).tolist()
+        new = bytes_to_ids(msg.new_page_ids).tolist()
+        msg.sampling.validate()
+        if not prompt:
+            raise ValueError("empty prompt")
+        if self.get(msg.request_id) is not None:
+            raise ValueError(f"request {msg.request_id.hex()} is already here")
+        if not 0 <= msg.matched_len <= len(prompt) or msg.matched_len % ps:
+            raise ValueError(f"matched_len {msg.matched_len} is not a page boundary within the prompt")
+        if len(prefix) != msg.matched_len // ps:
+            raise ValueError(f"{len(prefix)} prefix pages for matched_len {msg.matched_len}")
+        self._check_page_ids(prefix + new)
+        max_len = min(len(prompt) + msg.sampling.max_tokens, self.config.context_len)
+        req = Request(
+            request_id=msg.request_id,
+            tokens=prompt,
+            prompt_len=len(prompt),
+            matched_len=msg.matched_len,
+            sampling=msg.sampling,
+            page_size=ps,
+            max_len=max_len,
+            page_table=prefix + new,
+            num_computed=msg.matched_len,
+            generator=make_generator(msg.sampling, self._pool.device, self._rng.getrandbits(63)),
+        )
+        if msg.matched_len == len(prompt):
+            # Full hit: recompute the last prompt token into a private copy of its page.
+            req.num_computed = len(prompt) - 1
+            req.cow_source = prefix[-1]
+            req.page_table = prefix[:-1] + new
+        if msg.sampling.stop:
+            context = prompt[-STOP_CONTEXT_TOKENS:]
+            req.stop_matcher = StopStringMatcher(msg.sampling.stop, self._decoder, context)
+        if len(prompt) >= self.config.context_len:
+            req.finish(FinishReason.LENGTH)
+        return req
+
+    def _check_page_ids(self, page_ids: Sequence[int]) -> None:
+        num_pages = self._pool.shape[1]
+        if any(not 0 <= p < num_pages for p in page_ids):
+            raise ValueError(f"page ids outside the pool of {num_pages} pages")
+        if len(set(page_ids)) != len(page_ids):
+            raise ValueError("duplicate page ids")
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.config.max_running:
+            req = self._waiting.popleft()
+            self._running[req.request_id] = req
+            self._service(req)
+
+    def _accept_token(self, req: Request, token: int) -> None:
+        """Record a sampled token and decide whether the request finishes."""
+        prompt_done_now = req.num_output == 0
+        params = req.sampling
+        is_eos = token in self.config.eos_token_ids and not params.ignore_eos
+        if is_eos or token in params.stop_token_ids:
+            req.finish(FinishReason.STOP)  # the stop token itself is not part of the output
+        else:
+            req.tokens.append(token)
+            stop = req.stop_matcher.push(token) if req.stop_matcher is not None else None
+            if stop is not None:
+                req.finish(FinishReason.STOP, stop)
+            elif len(req.tokens) >= req.max_len:
+                req.finish(FinishReason.LENGTH)
+        self._flush(req, force=prompt_done_now or req.is_finished)
+        if prompt_done_now:
+            commit = req.prompt_commit()
+            if commit is not None:
+                tokens, pages = commit
+                self._outbox.append(Commit(req.request_id, ids_to_bytes(tokens), ids_to_bytes(pages)))
+                req.phase = Phase.AWAIT_COMMIT
+                req.num_committed_pages = len(pages)
+
+    def _flush(self, req: Request, *, force: bool) -> None:
+        pending = req.num_output - req.num_emitted
+        if pending <= 0:
+            return
+        now = self._clock()
+        if (
+            force
+            or pending >= self.config.stream_max_tokens
+            or now - req.last_flush_s >= self.config.stream_interval_s
+        ):
+            out = req.output[req.num_emitted :]
+            self._outbox.append(Generated(req.request_id, ids_to_bytes(out)))
+            req.num_emitted = req.num_output
+            req.last_flush_s = now
+
+    def _service(self, req: Request) -> None:
+        """Send what the request's state calls for: pages ahead of need, Finished when done."""
+        ps = self.config.page_size
+        if not req.is_finished and req.out_of_pages and req.num_free_slots == 0:
+            req.finish(FinishReason.LENGTH)
+        if req.is_finished:
+            if req.phase is Phase.AWAIT_COMMIT:
+                return  # Finished must name the pages the CommitAck settles
+            self._flush(req, force=True)
+            tokens, pages = req.final_commit() if req.finish_reason is not FinishReason.ABORT else ([], [])
+            self._outbox.append(
+                Finished(
+                    req.request_id,
+                    req.finish_reason,
+                    ids_to_bytes(tokens),
+                    ids_to_bytes(pages),
+                    req.stop_text,
+                )
+            )
+            self._running.pop(req.request_id, None)
+            self._admit()
+            return
+        if req.pages_requested or req.out_of_pages:
+            return
+        # Ask one page ahead of need so decoding rarely waits for the round trip.
+        shortfall = req.num_pending_tokens + ps - req.num_free_slots
+        needed = req.pages_still_needed()
+        if shortfall > 0 and needed > 0:
+            num_pages = min(needed, max(self.config.decode_page_chunk, -(-shortfall // ps)))
+            self._outbox.append(PageRequest(req.request_id, num_pages))
+            req.pages_requested = True

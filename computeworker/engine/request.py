@@ -1,0 +1,116 @@
+"""One running request on a worker: its tokens, its page table and where it stands.
+
+Positions and pages (page_size 4 in the picture)::
+
+    tokens:      | prompt ............................ | output ...... |
+    positions:   0         matched_len            prompt_len      len(tokens)-1
+                 |<-cached->|<---- computed here ---->|<- decoded ->|
+    num_computed:                                           ^ K/V written for [0, num_computed)
+    page_table:  [p0][p1]  [n0][n1][n2] ...  position i lives in page_table[i // page_size], slot i % page_size
+
+The last token of `tokens` is never fed to the model before the next step, so during decode
+num_computed == len(tokens) - 1. Pages before matched_len belong to the radix tree (read-only, shared);
+the rest are this request's own until it commits them.
+
+A full hit (matched_len == prompt_len) still needs logits for the last prompt token, so that token is
+recomputed into a private copy of the last cached page (copy-on-write): the shared page is never written.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from computeworker.engine.stop import StopStringMatcher
+from shared.protocol import FinishReason, SamplingParams
+
+
+class Phase(enum.Enum):
+    RUNNING = "running"  # prefilling or decoding
+    AWAIT_COMMIT = "await_commit"  # prompt pages committed; their ids may change until CommitAck
+
+
+@dataclass(slots=True)
+class Request:
+    """Mutable state of one request. Only the engine (one thread at a time) touches it."""
+
+    request_id: bytes
+    tokens: list[int]  # prompt + output fed or sampled so far
+    prompt_len: int
+    matched_len: int
+    sampling: SamplingParams
+    page_size: int
+    max_len: int  # the sequence never grows past this: min(prompt + max_tokens, context length)
+    page_table: list[int]
+    num_computed: int
+    generator: torch.Generator | None = None
+    stop_matcher: StopStringMatcher | None = None
+    cow_source: int | None = None  # shared page to copy into page_table[num_computed // page_size]
+    phase: Phase = Phase.RUNNING
+    num_committed_pages: int = 0  # prompt pages sent in Commit
+    pages_requested: bool = False  # a PageRequest is in flight
+    out_of_pages: bool = False  # the daemon said NO_ROOM: finish when the pages run out
+    num_emitted: int = 0  # output tokens already sent in Generated frames
+    last_flush_s: float = 0.0
+    finish_reason: FinishReason | None = None
+    stop_text: str = ""
+    finish_sent: bool = False
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_free_slots(self) -> int:
+        """Positions that can still be written without more pages."""
+        return max(0, len(self.page_table) * self.page_size - self.num_computed)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens waiting to be fed: the rest of the prompt, or the one sampled token while decoding."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    def pages_still_needed(self) -> int:
+        """Pages beyond page_table needed to reach max_len (the final token's K/V is never written)."""
+        total = -(-(self.max_len - 1) // self.page_size)
+        return max(0, total - len(self.page_table))
+
+    def can_step(self) -> bool:
+        return (
+            not self.is_finished
+            and self.phase is Phase.RUNNING
+            and self.num_pending_tokens > 0
+            and self.num_free_slots > 0
+        )
+
+    def finish(self, reason: FinishReason, stop_text: str = "") -> None:
+        """Decide the finish; the Finished frame goes out once no commit is in flight."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.stop_text = stop_text
+
+    def final_commit(self) -> tuple[list[int], list[int]]:
+        """Tokens and pages of every full page whose K/V is written (prompt + output)."""
+        num_pages = self.num_computed // self.page_size
+        return self.tokens[: num_pages * self.page_size], self.page_table[:num_pages]
+
+    def prompt_commit(self) -> tuple[list[int], list[int]] | None:
+        """The prompt's full pages to commit after prefill, or None when none of them is new."""
+        num_pages = self.prompt_len // self.page_size
+        if num_pages * self.page_size <= self.matched_len:
+            return None
+        return self.tokens[: num_pages * self.page_size], self.page_table[:num_pages]
