@@ -38,6 +38,9 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 DEFAULT_CHAT_MAX_TOKENS = 1024
 
+# The authenticated API key of a request (None when no keys are configured).
+API_KEY: web.RequestKey[str | None] = web.RequestKey("api_key")
+
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -120,7 +123,7 @@ class _Api:
             stream=params.stream,
             include_usage=params.include_usage,
         )
-        namespace = self.daemon_namespace(request["api_key"], params.cache_salt)
+        namespace = self.daemon_namespace(request[API_KEY], params.cache_salt)
         stream = await submit(self.daemon, namespace, gen, request_id)
         return await respond(request, stream, gen, self.tokenizer.decoder())
 
@@ -146,7 +149,7 @@ def _error_middleware(
     async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
         try:
             # /health and /metrics stay open for probes and scrapers; they carry no prompt content.
-            request["api_key"] = (
+            request[API_KEY] = (
                 access.authenticate(request.headers.get("Authorization"))
                 if request.path.startswith("/v1/")
                 else None

@@ -1,0 +1,115 @@
+"""Test doubles for the HTTP app's collaborators, for testing the API surface alone: a byte-level
+tokenizer (one token per UTF-8 byte, so multi-byte characters span tokens) and a daemon that answers
+through the real RequestStream with a scripted output. End-to-end tests use the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cachemgr.daemon.errors import RequestFailed
+from cachemgr.daemon.stream import RequestStream, StreamEvent
+from shared.protocol import FinishReason, SamplingParams
+
+
+class ByteDetokenizer:
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        data = self._pending + bytes(token_ids)
+        for cut in range(len(data), max(len(data) - 4, -1), -1):
+            try:
+                text = data[:cut].decode()
+            except UnicodeDecodeError:
+                continue
+            self._pending = data[cut:]
+            return text
+        self._pending = data
+        return ""
+
+
+class ByteTokenizer:
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        turns = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return turns + ("<assistant>" if add_generation_prompt else "")
+
+    def incremental_detokenizer(self) -> ByteDetokenizer:
+        return ByteDetokenizer()
+
+
+@dataclass
+class Submitted:
+    namespace: object
+    token_ids: list[int]
+    sampling: SamplingParams
+    stream: RequestStream
+
+
+@dataclass
+class ScriptedDaemon:
+    """Answers every request with `output` (token ids) in frames of `frame` tokens, honouring
+    max_tokens, then finishes with `finish`. `refuse` makes submit raise; `fail_after` makes the stream
+    fail with RequestFailed after that many frames; `hold` keeps the stream open after the output."""
+
+    output: list[int] = field(default_factory=lambda: list(b"Hello world"))
+    frame: int = 3
+    finish: FinishReason = FinishReason.STOP
+    num_workers: int = 1
+    cached_tokens: int = 0
+    refuse: Exception | None = None
+    fail_after: int | None = None
+    hold: bool = False
+    submitted: list[Submitted] = field(default_factory=list)
+    aborted: list[bytes] = field(default_factory=list)
+
+    def workers_info(self) -> list[dict[str, object]]:
+        return [{"worker_id": i} for i in range(self.num_workers)]
+
+    async def submit(
+        self, ns: object, token_ids: list[int], sampling: SamplingParams, *, request_id: bytes | None = None
+    ) -> RequestStream:
+        if self.refuse is not None:
+            raise self.refuse
+        rid = request_id or b"\0" * 16
+        holder: list[RequestStream] = []
+
+        def on_abort() -> None:
+            self.aborted.append(rid)
+            holder[0]._push(StreamEvent([], FinishReason.ABORT))
+
+        stream = RequestStream(rid, len(token_ids), on_abort)
+        holder.append(stream)
+        self.submitted.append(Submitted(ns, list(token_ids), sampling, stream))
+        asyncio.get_running_loop().create_task(self._play(stream, sampling))
+        return stream
+
+    async def _play(self, stream: RequestStream, sampling: SamplingParams) -> None:
+        await asyncio.sleep(0)
+        stream._mark_dispatched(self.cached_tokens)
+        out = self.output[: sampling.max_tokens]
+        frames = [out[i : i + self.frame] for i in range(0, len(out), self.frame)]
+        for i, ids in enumerate(frames):
+            if self.fail_after is not None and i == self.fail_after:
+                stream._fail(RequestFailed("worker crashed"))
+                return
+            await asyncio.sleep(0)
+            stream._push(StreamEvent(ids))
+        if self.hold:
+            return
+        reason = FinishReason.LENGTH if len(out) == sampling.max_tokens < len(self.output) else self.finish
+        stream._push(StreamEvent([], reason))
+
+
+class StaticMetrics:
+    def render(self) -> tuple[bytes, str]:
+        return b"radixkv_up 1\n", "text/plain; version=0.0.4; charset=utf-8"
