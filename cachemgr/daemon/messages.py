@@ -1,0 +1,259 @@
+"""What the daemon does with each decoded worker message.
+
+Every handler validates first and changes state only once the message is known to be good: a bad
+message gets a typed ErrorReply and leaves the cache, the leases and the requests exactly as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from cachemgr.daemon.errors import RequestFailed
+from cachemgr.daemon.scheduler import Scheduler
+from cachemgr.daemon.state import RequestState, WorkerState, wait_until
+from cachemgr.daemon.stream import StreamEvent
+from shared.ids import bytes_to_ids, ids_to_bytes
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    Commit,
+    CommitAck,
+    ErrorCode,
+    Finished,
+    Generated,
+    Goodbye,
+    Heartbeat,
+    PageRequest,
+    PagesGranted,
+    PoolDescriptor,
+    Register,
+    Welcome,
+    WorkerError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class BadMessage(Exception):
+    """A message that must be refused with ErrorReply(code); nothing was changed."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WorkerMessages:
+    """Routes WorkerToDaemon messages by type. Loop thread only."""
+
+    def __init__(self, scheduler: Scheduler, pool: PoolDescriptor, model_name: str) -> None:
+        self.s = scheduler
+        self.pool = pool
+        self.model_name = model_name
+        self._page_waits: set[asyncio.Task[None]] = set()
+        self._handlers: dict[type, Any] = {
+            Heartbeat: self._heartbeat,
+            Commit: self._commit,
+            PageRequest: self._page_request,
+            Generated: self._generated,
+            Finished: self._finished,
+            WorkerError: self._worker_error,
+            Goodbye: self._goodbye,
+        }
+
+    def handle(self, identity: bytes, msg: Any) -> None:
+        if type(msg) is Register:
+            self._register(identity, msg)
+            return
+        worker = self.s.workers.get(identity)
+        request_id = getattr(msg, "request_id", b"")
+        if worker is None:
+            self.s.link.reply_error(identity, ErrorCode.NOT_REGISTERED, "register first", request_id)
+            return
+        worker.last_seen = time.monotonic()
+        try:
+            self._handlers[type(msg)](worker, msg)
+        except BadMessage as exc:
+            self.s.link.reply_error(identity, exc.code, str(exc), request_id)
+
+    def drop_worker(self, worker: WorkerState, why: str) -> None:
+        """Forget a worker and resume its requests elsewhere."""
+        logger.warning("worker %d (pid %d) gone: %s", worker.worker_id, worker.pid, why)
+        self.s.workers.remove(worker)
+        self.s.redispatch_all(worker, why)
+
+    async def close(self) -> None:
+        for task in list(self._page_waits):
+            task.cancel()
+        await asyncio.gather(*self._page_waits, return_exceptions=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _register(self, identity: bytes, msg: Register) -> None:
+        if msg.protocol_version != PROTOCOL_VERSION:
+            self.s.link.reply_error(
+                identity,
+                ErrorCode.BAD_VERSION,
+                f"daemon speaks protocol {PROTOCOL_VERSION}, not {msg.protocol_version}",
+            )
+            return
+        if msg.max_running < 1:
+            self.s.link.reply_error(identity, ErrorCode.MALFORMED, "max_running must be at least 1")
+            return
+        if msg.model and msg.model != self.model_name:
+            logger.warning(
+                "worker pid %d runs model %r, the daemon serves %r", msg.pid, msg.model, self.model_name
+            )
+        old = self.s.workers.get(identity)
+        if old is not None:
+            self.drop_worker(old, "registered again (restarted)")
+        worker = self.s.workers.add(identity, msg)
+        logger.info(
+            "worker %d registered: pid %d on %s, max_running %d",
+            worker.worker_id,
+            msg.pid,
+            msg.device,
+            msg.max_running,
+        )
+        settings = self.s.settings
+        welcome = Welcome(
+            protocol_version=PROTOCOL_VERSION,
+            worker_id=worker.worker_id,
+            pool=self.pool,
+            model=self.model_name,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            decode_page_chunk=settings.decode_page_chunk,
+        )
+        self.s.link.send(identity, welcome)
+
+    def _heartbeat(self, worker: WorkerState, msg: Heartbeat) -> None:
+        worker.reported_running = msg.num_running
+        worker.reported_waiting = msg.num_waiting
+
+    def _goodbye(self, worker: WorkerState, msg: Goodbye) -> None:
+        self.drop_worker(worker, f"said goodbye ({msg.reason or 'no reason'})")
+
+    def _worker_error(self, worker: WorkerState, msg: WorkerError) -> None:
+        if not msg.request_id:
+            self.drop_worker(worker, f"reported a fatal error: {msg.code.value}: {msg.message}")
+            return
+        req = self._owned(worker, msg.request_id)
+        logger.warning(
+            "worker %d failed request %s: %s: %s",
+            worker.worker_id,
+            msg.request_id.hex(),
+            msg.code.value,
+            msg.message,
+        )
+        if msg.code in (ErrorCode.MALFORMED, ErrorCode.TOO_LARGE, ErrorCode.BAD_PAGES):
+            # Deterministic problems with the request itself: another worker would fail it the same way.
+            self.s.fail(req, RequestFailed(f"worker error {msg.code.value}: {msg.message}"))
+            return
+        self.s.redispatch(req, f"worker error {msg.code.value}: {msg.message}")
+
+    # ------------------------------------------------------------------ requests
+
+    def _owned(self, worker: WorkerState, request_id: bytes) -> RequestState:
+        req = self.s.requests.get(request_id)
+        if req is None or req.worker is not worker:
+            raise BadMessage(
+                ErrorCode.UNKNOWN_REQUEST, f"request {request_id.hex()} is not running on this worker"
+            )
+        return req
+
+    def _checked_commit(self, req: RequestState, tokens_raw: bytes, pages_raw: bytes) -> Any:
+        """Validate a commit against what the daemon knows, then apply it. Raises BadMessage."""
+        try:
+            tokens, page_ids = bytes_to_ids(tokens_raw), bytes_to_ids(pages_raw)
+        except ValueError as exc:
+            raise BadMessage(ErrorCode.MALFORMED, str(exc)) from None
+        page = self.s.page_size
+        if not len(tokens) or len(tokens) % page or len(page_ids) != len(tokens) // page:
+            raise BadMessage(
+                ErrorCode.BAD_PAGES,
+                f"commit needs whole pages: {len(tokens)} tokens with {len(page_ids)} page ids",
+            )
+        try:
+            known = req.known_tokens(len(tokens))
+        except ValueError as exc:
+            raise BadMessage(ErrorCode.BAD_PAGES, str(exc)) from None
+        if not np.array_equal(tokens, known):
+            raise BadMessage(ErrorCode.BAD_PAGES, "committed tokens differ from the request's tokens")
+        try:
+            result = self.s.cache.commit(req.lease_id, tokens, page_ids)
+        except ValueError as exc:
+            raise BadMessage(ErrorCode.BAD_PAGES, str(exc)) from None
+        self.s.lease_committed(req.lease_id)
+        return result
+
+    def _commit(self, worker: WorkerState, msg: Commit) -> None:
+        req = self._owned(worker, msg.request_id)
+        result = self._checked_commit(req, msg.tokens, msg.page_ids)
+        self.s.link.send(
+            worker.identity, CommitAck(request_id=msg.request_id, page_ids=ids_to_bytes(result.page_ids))
+        )
+
+    def _page_request(self, worker: WorkerState, msg: PageRequest) -> None:
+        req = self._owned(worker, msg.request_id)
+        if not 1 <= msg.num_pages <= self.pool.num_pages:
+            raise BadMessage(ErrorCode.MALFORMED, f"num_pages must be in [1, {self.pool.num_pages}]")
+        pages = self.s.cache.allocate(req.lease_id, msg.num_pages)
+        if pages is not None:
+            self.s.link.send(
+                worker.identity, PagesGranted(request_id=msg.request_id, page_ids=ids_to_bytes(pages))
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._wait_for_pages(worker, req, msg.num_pages))
+        self._page_waits.add(task)
+        task.add_done_callback(self._page_waits.discard)
+
+    async def _wait_for_pages(self, worker: WorkerState, req: RequestState, num_pages: int) -> None:
+        deadline = time.monotonic() + self.s.settings.page_wait_timeout_s
+        while True:
+            freed = self.s.pages_freed.current()
+            if req.worker is not worker or req.lease_id is None:
+                return  # finished, aborted or re-dispatched meanwhile: nobody needs the pages
+            pages = self.s.cache.allocate(req.lease_id, num_pages)
+            if pages is not None:
+                self.s.link.send(
+                    worker.identity, PagesGranted(request_id=req.request_id, page_ids=ids_to_bytes(pages))
+                )
+                return
+            if not await wait_until(freed, deadline):
+                self.s.link.reply_error(
+                    worker.identity,
+                    ErrorCode.NO_ROOM,
+                    f"no {num_pages} free pages within the wait timeout",
+                    req.request_id,
+                )
+                return
+
+    def _generated(self, worker: WorkerState, msg: Generated) -> None:
+        req = self._owned(worker, msg.request_id)
+        try:
+            tokens = bytes_to_ids(msg.tokens).tolist()
+        except ValueError as exc:
+            raise BadMessage(ErrorCode.MALFORMED, str(exc)) from None
+        if not tokens or req.aborted:
+            return
+        req.generated.extend(tokens)
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+            if self.s.metrics is not None:
+                self.s.metrics.observe_ttft(req.first_token_at - req.submitted_at)
+        req.stream._push(StreamEvent(tokens))
+
+    def _finished(self, worker: WorkerState, msg: Finished) -> None:
+        req = self._owned(worker, msg.request_id)
+        if msg.tokens or msg.page_ids:
+            try:
+                self._checked_commit(req, msg.tokens, msg.page_ids)
+            except BadMessage as exc:
+                # The streamed tokens are good; only the final pages are refused (not shared).
+                self.s.link.reply_error(
+                    worker.identity, exc.code, f"final commit refused: {exc}", msg.request_id
+                )
+        self.s.finish(req, msg.reason, msg.stop_text)

@@ -1,0 +1,66 @@
+"""Registered workers: who is alive, how loaded, and who gets the next request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from cachemgr.daemon.state import Signal, WorkerState
+from shared.protocol import Register
+
+
+class WorkerRegistry:
+    """Workers keyed by ZeroMQ identity. ``capacity`` is notified whenever a worker joins or a slot
+    frees up, so waiting dispatches re-check. Load is the daemon's own count of requests it dispatched
+    to a worker and has not seen finish (exact, unlike heartbeat reports, which lag)."""
+
+    def __init__(self) -> None:
+        self._by_identity: dict[bytes, WorkerState] = {}
+        self._next_id = 1
+        self.capacity = Signal()
+
+    def __len__(self) -> int:
+        return len(self._by_identity)
+
+    def __iter__(self) -> Iterator[WorkerState]:
+        return iter(list(self._by_identity.values()))
+
+    def get(self, identity: bytes) -> WorkerState | None:
+        return self._by_identity.get(identity)
+
+    def add(self, identity: bytes, reg: Register) -> WorkerState:
+        """Register a new worker (the caller dropped any previous one of this identity)."""
+        assert identity not in self._by_identity
+        now = time.monotonic()
+        worker = WorkerState(
+            worker_id=self._next_id,
+            identity=identity,
+            pid=reg.pid,
+            device=reg.device,
+            max_running=reg.max_running,
+            name=reg.name,
+            model=reg.model,
+            registered_at=now,
+            last_seen=now,
+        )
+        self._next_id += 1
+        self._by_identity[identity] = worker
+        self.capacity.notify()
+        return worker
+
+    def remove(self, worker: WorkerState) -> None:
+        del self._by_identity[worker.identity]
+        self.capacity.notify()
+
+    def pick(self) -> WorkerState | None:
+        """The least-loaded worker with a free slot (ties: the longest registered), or None."""
+        best: WorkerState | None = None
+        for worker in self._by_identity.values():
+            if worker.has_capacity and (best is None or len(worker.request_ids) < len(best.request_ids)):
+                best = worker
+        return best
+
+    def stale(self, timeout_s: float) -> list[WorkerState]:
+        """Workers silent for longer than ``timeout_s``."""
+        cutoff = time.monotonic() - timeout_s
+        return [w for w in self._by_identity.values() if w.last_seen < cutoff]
