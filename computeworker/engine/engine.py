@@ -26,7 +26,7 @@ import torch
 from computeworker.engine.request import Phase, Request
 from computeworker.engine.sampling import RowSampling, make_generator, sample_batch
 from computeworker.engine.scheduler import build_batch, plan_step
-from computeworker.engine.stop import StopStringMatcher, TextDecoder
+from computeworker.engine.stop import DetokenizerSource, StopStringMatcher
 from computeworker.model.batch import AttentionBackend, ForwardBatch
 from shared.ids import bytes_to_ids, ids_to_bytes
 from shared.protocol import (
@@ -42,8 +42,6 @@ from shared.protocol import (
     PagesGranted,
     WorkerToDaemon,
 )
-
-STOP_CONTEXT_TOKENS = 6  # prompt tokens the detokenizer sees before the output, for correct spacing
 
 
 class PagedModel(Protocol):
@@ -81,7 +79,7 @@ class Engine:
         model: PagedModel,
         attention: AttentionBackend,
         pool: torch.Tensor,
-        decoder: TextDecoder,
+        tokenizer: DetokenizerSource,
         config: EngineConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -92,7 +90,7 @@ class Engine:
         self._model = model
         self._attention = attention
         self._pool = pool
-        self._decoder = decoder
+        self._tokenizer = tokenizer
         self.config = config
         self._clock = clock
         self._rng = rng or random.Random()
@@ -190,6 +188,13 @@ class Engine:
         self._outbox.clear()
         return count
 
+    def fail_all(self) -> None:
+        """Finish every running request with ABORT (a step failed: their pages may hold garbage, so
+        nothing is committed)."""
+        for req in list(self._running.values()):
+            req.finish(FinishReason.ABORT)
+            self._service(req)
+
     def take_messages(self) -> list[WorkerToDaemon]:
         out, self._outbox = self._outbox, []
         return out
@@ -261,8 +266,8 @@ class Engine:
             req.cow_source = prefix[-1]
             req.page_table = prefix[:-1] + new
         if msg.sampling.stop:
-            context = prompt[-STOP_CONTEXT_TOKENS:]
-            req.stop_matcher = StopStringMatcher(msg.sampling.stop, self._decoder, context)
+            detok = self._tokenizer.detokenizer(prompt)
+            req.stop_matcher = StopStringMatcher(msg.sampling.stop, detok)
         if len(prompt) >= self.config.context_len:
             req.finish(FinishReason.LENGTH)
         return req
@@ -324,7 +329,7 @@ class Engine:
         if not req.is_finished and req.out_of_pages and req.num_free_slots == 0:
             req.finish(FinishReason.LENGTH)
         if req.is_finished:
-            if req.phase is Phase.AWAIT_COMMIT:
+            if req.phase is Phase.AWAIT_COMMIT and req.finish_reason is not FinishReason.ABORT:
                 return  # Finished must name the pages the CommitAck settles
             self._flush(req, force=True)
             tokens, pages = req.final_commit() if req.finish_reason is not FinishReason.ABORT else ([], [])

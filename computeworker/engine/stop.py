@@ -1,8 +1,7 @@
 """Stop strings over a token stream: incremental detokenization and first-match detection.
 
-Only the new tokens are decoded each step, with a few tokens of left context so that word-initial
-spaces and multi-byte characters come out right, and the search covers only the text that could hold a
-new match::
+The tokenizer's incremental detokenizer (shared.detokenizer) turns each new token into final text; the
+search covers only the text that could hold a new match::
 
     output text:  "The answer is 42.\n\nUser:"      stops: ["\n\nUser:"]
                                    ^ match: the request finishes with stop_text "\n\nUser:"
@@ -19,42 +18,28 @@ from collections.abc import Sequence
 from typing import Protocol
 
 
-class TextDecoder(Protocol):
-    def decode(self, ids: Sequence[int]) -> str: ...
+class Detokenizer(Protocol):
+    """shared.detokenizer.IncrementalDetokenizer: `add(ids)` returns the text those ids complete."""
+
+    def add(self, token_ids: Sequence[int]) -> str: ...
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas. A delta is held while the decoded tail ends
-    in an incomplete UTF-8 sequence (U+FFFD), so every delta is final text."""
+class DetokenizerSource(Protocol):
+    """shared.tokenizer.Tokenizer: a fresh streaming detokenizer per request."""
 
-    def __init__(self, decoder: TextDecoder, context_ids: Sequence[int] = ()) -> None:
-        self._decoder = decoder
-        self._ids: list[int] = list(context_ids)
-        self._prefix_offset = 0  # start of the window decoded for context
-        self._read_offset = len(self._ids)  # ids before this have been turned into text
-
-    def push(self, token_id: int) -> str:
-        """Append one token; return the text it completes (possibly "" while a character is split)."""
-        self._ids.append(token_id)
-        prefix_text = self._decoder.decode(self._ids[self._prefix_offset : self._read_offset])
-        full_text = self._decoder.decode(self._ids[self._prefix_offset :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
-            return ""
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
-        return full_text[len(prefix_text) :]
+    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> Detokenizer: ...
 
 
 class StopStringMatcher:
     """Detects the first occurrence of any stop string in a request's output text. Not thread-safe;
     one per request."""
 
-    def __init__(self, stops: Sequence[str], decoder: TextDecoder, context_ids: Sequence[int] = ()) -> None:
+    def __init__(self, stops: Sequence[str], detokenizer: Detokenizer) -> None:
         if not stops or any(not s for s in stops):
             raise ValueError("stops must be a non-empty list of non-empty strings")
         self._stops = list(stops)
         self._max_len = max(len(s) for s in stops)
-        self._detok = IncrementalDetokenizer(decoder, context_ids)
+        self._detok = detokenizer
         self._text = ""
         self._stopped: str | None = None
 
@@ -67,7 +52,7 @@ class StopStringMatcher:
         on a tie, the first in the list). Raises ValueError once a stop string has matched."""
         if self._stopped is not None:
             raise ValueError("the stop string already matched")
-        delta = self._detok.push(token_id)
+        delta = self._detok.add((token_id,))
         if not delta:
             return None
         search_from = max(0, len(self._text) - self._max_len + 1)

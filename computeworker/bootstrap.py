@@ -1,0 +1,68 @@
+"""Turn a WorkerConfig into a ready WorkerRuntime: torch threads, model, tokenizer, attention backend."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from computeworker.config import WorkerConfig
+from computeworker.model.batch import AttentionBackend
+from computeworker.runtime import ModelInfo, WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_runtime(config: WorkerConfig) -> WorkerRuntime:
+    """Load everything the worker needs (slow: reads the weights). Raises ValueError for a model or
+    device it cannot use."""
+    from computeworker.model import load_model
+    from shared.default_model import default_model_path
+    from shared.tokenizer import load_tokenizer
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device} requested but CUDA is not available")
+    path = config.model_path or default_model_path()
+    dtype = _DTYPES[config.resolved_dtype]
+    device = torch.device(config.device)
+    model, spec = load_model(path, dtype, device)
+    tokenizer = load_tokenizer(path)
+    eos = tuple(sorted(set(spec.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    info = ModelInfo(
+        name=spec.name,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        context_len=spec.max_position_embeddings,
+        eos_token_ids=eos,
+        dtype=config.resolved_dtype,
+    )
+    log.info("loaded %s on %s (%s)", spec.name, device, config.resolved_dtype)
+    return WorkerRuntime(config, model, attention_factory(spec, device, dtype), tokenizer, info)
+
+
+def attention_factory(
+    spec: Any, device: torch.device, dtype: torch.dtype
+) -> Callable[[int], AttentionBackend]:
+    """page_size -> backend: FlashInfer on CUDA in 16-bit when it is installed, else the torch
+    reference backend (CPU, fp32, or no flashinfer)."""
+    from computeworker.model import TorchAttention
+
+    def make(page_size: int) -> AttentionBackend:
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            try:
+                from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
+
+                shape = AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, page_size)
+                return FlashInferAttention(shape, device=device, dtype=dtype)
+            except ImportError:
+                log.warning("flashinfer is not installed: torch reference attention on %s", device)
+        return TorchAttention()
+
+    return make

@@ -1,0 +1,112 @@
+"""`computeworker`: load the model, connect to the daemon, serve until told to stop.
+
+Every flag has an environment variable (RADIXKV_<FLAG>), so compose files need no command lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from computeworker.config import WorkerConfig, default_daemon_endpoint
+
+if TYPE_CHECKING:
+    from computeworker.runtime import WorkerRuntime
+
+log = logging.getLogger("computeworker")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"RADIXKV_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="computeworker", description="radixkv compute worker")
+    p.add_argument(
+        "--daemon",
+        default=_env("DAEMON_ENDPOINT", default_daemon_endpoint()),
+        help="daemon worker endpoint, ipc://PATH or tcp://HOST:PORT [RADIXKV_DAEMON_ENDPOINT]",
+    )
+    p.add_argument(
+        "--model",
+        default=_env("MODEL"),
+        help="HF directory or GGUF file; default: embedded SmolLM2 [RADIXKV_MODEL]",
+    )
+    p.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu or cuda:N [RADIXKV_DEVICE]")
+    p.add_argument(
+        "--dtype", default=_env("DTYPE", "auto"), help="auto|float32|float16|bfloat16 [RADIXKV_DTYPE]"
+    )
+    p.add_argument(
+        "--max-running", type=int, default=int(_env("MAX_RUNNING", "16") or 16), help="[RADIXKV_MAX_RUNNING]"
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=int(_env("PREFILL_CHUNK", "512") or 512),
+        help="prompt tokens per step [RADIXKV_PREFILL_CHUNK]",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("THREADS", "0") or 0),
+        help="torch threads, 0 = default [RADIXKV_THREADS]",
+    )
+    p.add_argument(
+        "--name",
+        default=_env("WORKER_NAME", ""),
+        help="shown in `cachemgr admin workers` [RADIXKV_WORKER_NAME]",
+    )
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[RADIXKV_LOG_LEVEL]")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    """Raises ValueError for invalid values."""
+    return WorkerConfig(
+        daemon_endpoint=args.daemon,
+        model_path=Path(args.model) if args.model else None,
+        device=args.device,
+        dtype=args.dtype,
+        max_running=args.max_running,
+        prefill_chunk=args.prefill_chunk,
+        threads=args.threads,
+        name=args.name,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"computeworker: {exc}", file=sys.stderr)
+        return 2
+    from computeworker.bootstrap import build_runtime  # heavy imports (torch, the model) only now
+
+    try:
+        runtime = build_runtime(config)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"computeworker: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(runtime))
+
+
+async def _serve(runtime: WorkerRuntime) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runtime.request_stop)
+    try:
+        return await runtime.run()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1

@@ -1,0 +1,57 @@
+"""Worker configuration: one frozen record built from flags and RADIXKV_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_run_dir() -> Path:
+    """$RADIXKV_RUN_DIR, else /tmp/radixkv-<uid> (the daemon uses the same rule)."""
+    env = os.environ.get("RADIXKV_RUN_DIR")
+    return Path(env) if env else Path(f"/tmp/radixkv-{os.getuid()}")
+
+
+def default_daemon_endpoint() -> str:
+    return f"ipc://{default_run_dir() / 'workers.sock'}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    daemon_endpoint: str
+    model_path: Path | None = None  # None: the embedded default model
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "float16", "bfloat16"
+    max_running: int = 16
+    prefill_chunk: int = 512
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    name: str = ""
+    welcome_timeout_s: float = 2.0  # no Welcome within this: reconnect
+    reconnect_min_s: float = 0.1  # backoff between registration attempts, doubling up to the max
+    reconnect_max_s: float = 2.0
+    stream_max_tokens: int = 4
+    stream_interval_s: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.daemon_endpoint.startswith(("ipc://", "tcp://", "inproc://")):
+            raise ValueError(
+                f"daemon endpoint must be ipc://, tcp:// or inproc://, got {self.daemon_endpoint!r}"
+            )
+        if self.device != "cpu" and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"device must be 'cpu' or 'cuda:N', got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        for name in ("max_running", "prefill_chunk", "stream_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s or self.welcome_timeout_s <= 0:
+            raise ValueError("reconnect/welcome timings must be positive with min <= max")
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.device == "cpu" else "bfloat16"

@@ -1,0 +1,297 @@
+"""The worker process's event loop: registration, heartbeats, message routing and the compute driver.
+
+    reader task ──► inbox ──► driver task ──► compute thread: engine.step()
+        ▲                         │                (the loop keeps serving I/O meanwhile)
+        │                         ▼
+    DaemonLink ◄──────── engine.take_messages()        heartbeat task (never waits on compute)
+
+A *session* is one registration. It ends when the daemon goes away (socket monitor sees a disconnect,
+or the daemon answers NOT_REGISTERED); the worker then forgets its requests (their leases died with the
+daemon), registers again with exponential backoff, and maps the new pool if the descriptor changed.
+Shutdown from the daemon, or `request_stop()` (signals), ends the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq.asyncio
+
+from computeworker.client import DaemonLink
+from computeworker.config import WorkerConfig
+from computeworker.engine.engine import Engine, EngineConfig, PagedModel
+from computeworker.engine.stop import DetokenizerSource
+from computeworker.model.batch import AttentionBackend
+from shared.pool import MappedPool, map_pool
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    Abort,
+    Codec,
+    CommitAck,
+    DaemonToWorker,
+    Dispatch,
+    ErrorCode,
+    ErrorReply,
+    Goodbye,
+    Heartbeat,
+    PagesGranted,
+    PoolDescriptor,
+    Register,
+    Shutdown,
+    Welcome,
+    WorkerError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the runtime needs to know about the loaded model."""
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    context_len: int
+    eos_token_ids: tuple[int, ...]
+    dtype: str  # the KV dtype the model computes in; the pool must match
+
+
+class SessionEnded(Exception):
+    """The daemon went away (or forgot us): register again."""
+
+
+class WorkerRuntime:
+    """Runs until the daemon says Shutdown or `request_stop` is called. One per process."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        model: PagedModel,
+        make_attention: Callable[[int], AttentionBackend],
+        tokenizer: DetokenizerSource,
+        info: ModelInfo,
+        *,
+        pool_mapper: Callable[[PoolDescriptor], MappedPool] = map_pool,
+    ) -> None:
+        self._config = config
+        self._model = model
+        self._make_attention = make_attention  # page_size -> backend (FlashInfer plans need it)
+        self._attention: tuple[int, AttentionBackend] | None = None
+        self._tokenizer = tokenizer
+        self._info = info
+        self._map_pool = pool_mapper
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self._inflight: concurrent.futures.Future[int] | None = None
+        self._pool: MappedPool | None = None
+        self._pool_desc: PoolDescriptor | None = None
+        self._codec = Codec()
+        self._stop = asyncio.Event()
+        self._shutdown_by_daemon = False
+        self.num_sessions = 0  # registrations so far (tests watch reconnects)
+
+    def request_stop(self) -> None:
+        """Leave after the current step: Goodbye to the daemon, release everything."""
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve sessions until stopped. Returns the process exit code."""
+        ctx = zmq.asyncio.Context()
+        try:
+            backoff = self._config.reconnect_min_s
+            while not self._stop.is_set():
+                link = DaemonLink(ctx, self._config.daemon_endpoint, self._codec)
+                try:
+                    welcome = await self._register(link)
+                    if welcome is None:
+                        await self._sleep(backoff)
+                        backoff = min(backoff * 2, self._config.reconnect_max_s)
+                        continue
+                    backoff = self._config.reconnect_min_s
+                    await self._serve(link, welcome)
+                finally:
+                    link.close()
+            return 0
+        finally:
+            await self._wait_compute()
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            self._executor.shutdown(wait=True)
+            ctx.term()
+
+    # ------------------------------------------------------------------ one session
+
+    async def _register(self, link: DaemonLink) -> Welcome | None:
+        msg = Register(
+            protocol_version=PROTOCOL_VERSION,
+            pid=os.getpid(),
+            device=self._config.device,
+            max_running=self._config.max_running,
+            model=self._info.name,
+            name=self._config.name,
+        )
+        welcome = await link.register(msg, self._config.welcome_timeout_s)
+        if welcome is not None:
+            log.info(
+                "registered as worker %d (pool generation %d)", welcome.worker_id, welcome.pool.generation
+            )
+        return welcome
+
+    async def _serve(self, link: DaemonLink, welcome: Welcome) -> None:
+        self.num_sessions += 1
+        engine = self._make_engine(welcome)
+        inbox: list[DaemonToWorker] = []
+        wakeup = asyncio.Event()
+        tasks = [
+            asyncio.ensure_future(self._read(link, inbox, wakeup)),
+            asyncio.ensure_future(self._heartbeat(link, engine, welcome.heartbeat_interval_s)),
+            asyncio.ensure_future(self._drive(link, engine, inbox, wakeup)),
+            asyncio.ensure_future(link.disconnected.wait()),
+            asyncio.ensure_future(self._stop.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and isinstance(task.exception(), Exception):
+                    exc = task.exception()
+                    if not isinstance(exc, SessionEnded):
+                        raise exc  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._wait_compute()
+            dropped = engine.reset()
+            if dropped:
+                log.warning("dropped %d requests with the session", dropped)
+        if self._stop.is_set() and not self._shutdown_by_daemon and not link.disconnected.is_set():
+            await link.send(Goodbye("worker stopping"))
+
+    def _make_engine(self, welcome: Welcome) -> Engine:
+        desc = welcome.pool
+        info = self._info
+        if (desc.num_layers, desc.num_kv_heads, desc.head_dim) != (
+            info.num_layers,
+            info.num_kv_heads,
+            info.head_dim,
+        ):
+            raise RuntimeError(
+                f"pool layout (layers {desc.num_layers}, kv heads {desc.num_kv_heads}, head dim "
+                f"{desc.head_dim}) does not fit model {info.name}"
+            )
+        if desc.dtype != info.dtype:
+            raise RuntimeError(
+                f"pool dtype {desc.dtype} differs from the worker's {info.dtype}: pass --dtype {desc.dtype}"
+            )
+        if self._attention is None or self._attention[0] != desc.page_size:
+            self._attention = (desc.page_size, self._make_attention(desc.page_size))
+        if desc != self._pool_desc:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            self._pool = self._map_pool(desc)
+            self._pool_desc = desc
+        config = EngineConfig(
+            page_size=desc.page_size,
+            context_len=info.context_len,
+            eos_token_ids=info.eos_token_ids,
+            max_running=self._config.max_running,
+            prefill_chunk=self._config.prefill_chunk,
+            decode_page_chunk=welcome.decode_page_chunk,
+            stream_max_tokens=self._config.stream_max_tokens,
+            stream_interval_s=self._config.stream_interval_s,
+        )
+        return Engine(
+            self._model, self._attention, self._pool.tensor, self._tokenizer, config, rng=random.Random()
+        )
+
+    async def _read(self, link: DaemonLink, inbox: list[DaemonToWorker], wakeup: asyncio.Event) -> None:
+        while True:
+            msg = await link.recv()
+            if msg is None:
+                continue
+            if isinstance(msg, Shutdown):
+                log.info("daemon asked to shut down: %s", msg.reason)
+                self._shutdown_by_daemon = True
+                self._stop.set()
+                return
+            if isinstance(msg, ErrorReply) and not msg.request_id:
+                if msg.code is ErrorCode.NOT_REGISTERED:
+                    raise SessionEnded("the daemon does not know this worker")
+                if msg.code is ErrorCode.BAD_VERSION:
+                    raise RuntimeError(f"daemon rejected the protocol version: {msg.message}")
+                log.error("daemon error %s: %s", msg.code.value, msg.message)
+                continue
+            if isinstance(msg, Welcome):
+                log.warning("ignoring an unexpected Welcome")
+                continue
+            inbox.append(msg)
+            wakeup.set()
+
+    async def _heartbeat(self, link: DaemonLink, engine: Engine, interval_s: float) -> None:
+        while True:
+            await link.send(Heartbeat(engine.num_running, engine.num_waiting, engine.kv_tokens_in_use))
+            await asyncio.sleep(interval_s)
+
+    async def _drive(
+        self, link: DaemonLink, engine: Engine, inbox: list[DaemonToWorker], wakeup: asyncio.Event
+    ) -> None:
+        """Alternate between applying daemon messages and running steps on the compute thread; the
+        engine is never touched by both at once."""
+        while True:
+            pending, inbox[:] = list(inbox), []
+            for msg in pending:
+                await self._apply(link, engine, msg)
+            for out in engine.take_messages():
+                await link.send(out)
+            if engine.has_work():
+                self._inflight = self._executor.submit(engine.step)
+                try:
+                    await asyncio.wrap_future(self._inflight)
+                except Exception:
+                    log.exception("a step failed: aborting every running request")
+                    engine.fail_all()
+                for out in engine.take_messages():
+                    await link.send(out)
+            elif not inbox:
+                wakeup.clear()
+                await wakeup.wait()
+
+    async def _apply(self, link: DaemonLink, engine: Engine, msg: DaemonToWorker) -> None:
+        try:
+            if isinstance(msg, Dispatch):
+                engine.add(msg)
+            elif isinstance(msg, Abort):
+                engine.abort(msg.request_id)
+            elif isinstance(msg, CommitAck):
+                engine.on_commit_ack(msg)
+            elif isinstance(msg, PagesGranted):
+                engine.on_pages_granted(msg)
+            elif isinstance(msg, ErrorReply):
+                engine.on_error(msg)
+        except ValueError as exc:
+            request_id = getattr(msg, "request_id", b"")
+            log.error("rejected %s for %s: %s", type(msg).__name__, request_id.hex(), exc)
+            if isinstance(msg, Dispatch):
+                await link.send(WorkerError(ErrorCode.BAD_PAGES, str(exc), request_id))
+
+    async def _wait_compute(self) -> None:
+        """Let a step that is still running finish: the pool must outlive it."""
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            # The step's own error was already handled by the driver; only its end matters here.
+            await asyncio.wait([asyncio.wrap_future(inflight)])
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            return
