@@ -125,7 +125,7 @@ class _Api:
         )
         namespace = self.daemon_namespace(request[API_KEY], params.cache_salt)
         stream = await submit(self.daemon, namespace, gen, request_id)
-        return await respond(request, stream, gen, self.tokenizer.decoder())
+        return await respond(request, stream, gen, self.tokenizer.detokenizer(token_ids))
 
     def daemon_namespace(self, api_key: str | None, client_salt: str) -> Namespace:
         return Namespace(model=self.model_name, salt=self.access.cache_salt(api_key, client_salt))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -17,7 +17,7 @@ from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge, Reques
 from cachemgr.daemon.stream import RequestStream
 from cachemgr.http.errors import APIError, bad_request, unavailable
 from cachemgr.http.shapes import SSE_DONE, ResponseShape, sse_event, usage
-from cachemgr.http.text import TextAssembler
+from cachemgr.http.text import Detokenizer, TextAssembler
 from shared.protocol import FinishReason, SamplingParams
 
 DISCONNECT_POLL_S = 0.2
@@ -75,7 +75,9 @@ async def _pieces(
             if event.finish_reason is FinishReason.ABORT:
                 raise unavailable("The request was aborted by the server.", "request_aborted")
             if event.finish_reason is not None:
-                yield _Piece(text + assembler.finish(), event.finish_reason.value)
+                tail = assembler.finish()  # may reveal a stop string in the held-back text
+                reason = FinishReason.STOP if assembler.stopped else event.finish_reason
+                yield _Piece(text + tail, reason.value)
                 return
             if text:
                 yield _Piece(text, None)
@@ -85,11 +87,11 @@ async def _pieces(
 
 
 async def respond(
-    request: web.Request, stream: RequestStream, gen: Generation, decode_step: Callable[[Sequence[int]], str]
+    request: web.Request, stream: RequestStream, gen: Generation, detokenizer: Detokenizer
 ) -> web.StreamResponse:
     """Produce the HTTP response for a submitted request. Always leaves the daemon's request finished or
     aborted, whatever happens to the client connection."""
-    assembler = TextAssembler(decode_step, gen.sampling.stop)
+    assembler = TextAssembler(detokenizer, gen.sampling.stop)
     counter = [0]
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, stream))
     try:

@@ -13,20 +13,29 @@ exact even when a stop string ends in the middle of a token.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Detokenizer(Protocol):
+    """shared.detokenizer.IncrementalDetokenizer: text completed by new tokens; finish() flushes."""
+
+    def add(self, token_ids: Sequence[int]) -> str: ...
+
+    def finish(self) -> str: ...
 
 
 class TextAssembler:
     """Turns a request's output tokens into the text to send. Not thread-safe; one per request.
 
-    `decode_step(token_ids) -> str` is the tokenizer's incremental detokenizer for this request: it
-    returns the text the new tokens complete (holding back partial UTF-8 sequences).
+    `detokenizer` is the tokenizer's incremental detokenizer for this request (it holds back partial
+    UTF-8 sequences itself).
     """
 
-    def __init__(self, decode_step: Callable[[Sequence[int]], str], stop: Sequence[str] = ()) -> None:
+    def __init__(self, detokenizer: Detokenizer, stop: Sequence[str] = ()) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
-        self._decode_step = decode_step
+        self._detokenizer = detokenizer
         self._stop = tuple(stop)
         self._text = ""  # everything decoded so far
         self._emitted = 0  # chars of _text already handed out
@@ -50,7 +59,7 @@ class TextAssembler:
         if not token_ids:
             return ""
         search_from = max(0, self._emitted - self._longest_stop() + 1)
-        self._text += self._decode_step(token_ids)
+        self._text += self._detokenizer.add(token_ids)
         hit = self._find_stop(search_from)
         if hit is not None:
             self._stopped_at, self.stop_text = hit
@@ -61,6 +70,11 @@ class TextAssembler:
         """The request ended: release the held-back tail (unless a stop string cut the text)."""
         if self.stopped:
             return ""
+        self._text += self._detokenizer.finish()
+        hit = self._find_stop(max(0, self._emitted - self._longest_stop() + 1))
+        if hit is not None:
+            self._stopped_at, self.stop_text = hit
+            return self._take(self._stopped_at)
         return self._take(len(self._text))
 
     def _take(self, end: int) -> str:

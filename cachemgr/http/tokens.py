@@ -3,15 +3,16 @@ incremental detokenizer per request. Encoding is called from the loop's executor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from cachemgr.http.errors import bad_request
+from cachemgr.http.text import Detokenizer
 
 
 class TokenizerAdapter:
     """Wraps shared.tokenizer.Tokenizer. Stateless apart from the wrapped tokenizer (thread-safe for
-    encoding); `decoder()` makes per-request state."""
+    encoding); `detokenizer()` makes per-request state."""
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
         self._tokenizer = tokenizer
@@ -25,10 +26,9 @@ class TokenizerAdapter:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Render the chat template (ending with the assistant's turn opener) and tokenize it."""
         try:
-            rendered = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as exc:  # the template refused the conversation (e.g. roles out of order)
+            return list(self._tokenizer.encode_chat(messages, add_generation_prompt=True))
+        except ValueError as exc:  # no template, or it refused the conversation (e.g. roles out of order)
             raise bad_request(f"Invalid conversation: {exc}", param="messages") from None
-        return list(self._tokenizer.encode(rendered))
 
     def check_ids(self, token_ids: Sequence[int], param: str) -> list[int]:
         """Raise APIError 400 unless every id is a valid token of the model's vocabulary."""
@@ -39,8 +39,7 @@ class TokenizerAdapter:
             )
         return list(token_ids)
 
-    def decoder(self) -> Callable[[Sequence[int]], str]:
-        """A new incremental detokenizer: call it with each batch of new output tokens, get the text they
-        complete (partial UTF-8 sequences are held until the next tokens finish them)."""
-        detokenizer = self._tokenizer.incremental_detokenizer()
-        return detokenizer.push
+    def detokenizer(self, prompt_ids: Sequence[int]) -> Detokenizer:
+        """A new incremental detokenizer for one request's output; the prompt's last tokens give the
+        first output token its context (leading spaces decode as they do mid-text)."""
+        return self._tokenizer.detokenizer(prompt_ids)

@@ -10,24 +10,8 @@ from dataclasses import dataclass, field
 
 from cachemgr.daemon.errors import RequestFailed
 from cachemgr.daemon.stream import RequestStream, StreamEvent
+from shared.detokenizer import IncrementalDetokenizer
 from shared.protocol import FinishReason, SamplingParams
-
-
-class ByteDetokenizer:
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def push(self, token_ids: Sequence[int]) -> str:
-        data = self._pending + bytes(token_ids)
-        for cut in range(len(data), max(len(data) - 4, -1), -1):
-            try:
-                text = data[:cut].decode()
-            except UnicodeDecodeError:
-                continue
-            self._pending = data[cut:]
-            return text
-        self._pending = data
-        return ""
 
 
 class ByteTokenizer:
@@ -39,12 +23,14 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(ids).decode(errors="replace")
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        if messages[0]["role"] == "assistant":
+            raise ValueError("a conversation cannot start with the assistant")
         turns = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
-        return turns + ("<assistant>" if add_generation_prompt else "")
+        return self.encode(turns + ("<assistant>" if add_generation_prompt else ""))
 
-    def incremental_detokenizer(self) -> ByteDetokenizer:
-        return ByteDetokenizer()
+    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.decode, prompt_ids)
 
 
 @dataclass

@@ -249,6 +249,17 @@ async def test_error_shapes(client: TestClient, daemon: ScriptedDaemon) -> None:
     assert daemon.submitted == []
 
 
+async def test_template_refusal_is_400(client: TestClient, daemon: ScriptedDaemon) -> None:
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "x"}]})
+    assert await _status_body(r) == _err(
+        400,
+        "Invalid conversation: a conversation cannot start with the assistant",
+        "invalid_request_error",
+        "messages",
+        None,
+    )
+
+
 @pytest.mark.parametrize(
     ("refusal", "expected"),
     [

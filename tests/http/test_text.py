@@ -7,11 +7,22 @@ import pytest
 from cachemgr.http.text import TextAssembler
 
 
-def _pieces_decoder(pieces: dict[int, str]):
-    def step(ids: Sequence[int]) -> str:
-        return "".join(pieces[i] for i in ids)
+class _PiecesDetokenizer:
+    """Each token id stands for a fixed piece of text; `tail` is text only finish() releases."""
 
-    return step
+    def __init__(self, pieces: dict[int, str], tail: str = "") -> None:
+        self.pieces = pieces
+        self.tail = tail
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        return "".join(self.pieces[i] for i in token_ids)
+
+    def finish(self) -> str:
+        return self.tail
+
+
+def _pieces_decoder(pieces: dict[int, str], tail: str = "") -> _PiecesDetokenizer:
+    return _PiecesDetokenizer(pieces, tail)
 
 
 WORDS = {1: "Hello", 2: " wor", 3: "ld", 4: "!", 5: " EN", 6: "D", 7: " more", 8: "\n\nUs", 9: "er:"}
@@ -62,6 +73,13 @@ def test_earliest_of_several_stop_strings_wins() -> None:
     a = TextAssembler(_pieces_decoder({1: "one two three"}), stop=["three", "two"])
     assert a.push([1]) == "one "
     assert a.stop_text == "two"
+
+
+def test_stop_string_completed_by_the_flushed_tail() -> None:
+    a = TextAssembler(_pieces_decoder({1: "ab"}, tail="cd"), stop=["bc"])
+    assert a.push([1]) == "a"
+    assert a.finish() == ""
+    assert (a.stopped, a.text, a.stop_text) == (True, "a", "bc")
 
 
 def test_empty_stop_string_refused() -> None:
