@@ -33,7 +33,8 @@ from typing import IO
 _PR_SET_PDEATHSIG = 1
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 10.0
-HEALTHY_RUN_S = 30.0  # a child that ran this long before dying starts again without backoff
+HEALTHY_RUN_S = 30.0
+SHM_DIR = Path("/dev/shm")  # a child that ran this long before dying starts again without backoff
 
 
 def default_run_dir() -> Path:
@@ -244,6 +245,7 @@ class Supervisor:
                 self._say(
                     f"{child.name} exited with code {child.proc.returncode}; restarting in {child.backoff_s:.1f} s"
                 )
+                self._remove_daemon_leftovers(child)
             elif now >= child.restart_at:
                 child.num_restarts += 1
                 child.start()
@@ -263,12 +265,21 @@ class Supervisor:
                     self._say(f"{child.name} did not stop in {self.config.stop_timeout_s:.0f} s: killing it")
                     child.signal(signal.SIGKILL)
                     child.wait(time.monotonic() + 5.0)
+        self._remove_daemon_leftovers(self.daemon)
         self._remove_stale_sockets()
 
     def _remove_stale_sockets(self) -> None:
         # The daemon unlinks these on a clean exit; after a SIGKILL they would block the next start.
         for name in ("workers.sock", "admin.sock"):
             (self.config.run_dir / name).unlink(missing_ok=True)
+
+    def _remove_daemon_leftovers(self, child: Child) -> None:
+        """After the daemon died without cleaning up (SIGKILL, crash), remove what only it would have:
+        its shared-memory pool (named after its uid and pid by cachemgr.main) and its sockets."""
+        if child is not self.daemon or child.proc is None or child.proc.returncode in (0, None):
+            return
+        SHM_DIR.joinpath(f"radixkv-{os.getuid()}-{child.proc.pid}.kv").unlink(missing_ok=True)
+        self._remove_stale_sockets()
 
     def _say(self, message: str) -> None:
         print(f"[cachemgr up] {message}", file=self.out, flush=True)
