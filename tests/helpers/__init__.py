@@ -1,0 +1,1 @@
+"""Test helpers others may reuse: a scripted protocol-speaking worker and process helpers."""
