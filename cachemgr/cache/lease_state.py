@@ -11,8 +11,8 @@ from cachemgr.cache.types import Namespace
 class LeaseState:
     """What a lease holds: one locked path (root .. ``node``), owned pages, and a pending registration.
 
-    ``path_bytes`` starts with the tokens of the locked path (it may run longer: the prompt); the locked
-    path ends exactly at ``node``'s end, ``locked_pages`` pages from position 0.
+    ``path_bytes`` are the tokens of the locked path, which ends exactly at ``node``'s end,
+    ``locked_pages`` pages from position 0; ``prompt_bytes`` the full pages of the prompt it opened with.
     """
 
     __slots__ = (
@@ -29,13 +29,13 @@ class LeaseState:
     )
 
     def __init__(self, lease_id: int, namespace: Namespace, node: TreeNode, prompt_bytes: bytes,
-                 path_page_ids: np.ndarray) -> None:  # fmt: skip
+                 path_page_ids: np.ndarray, page_bytes: int) -> None:  # fmt: skip
         self.lease_id = lease_id
         self.namespace = namespace
         self.node = node
         self.locked_pages = node.end_pages
         self.prompt_bytes = prompt_bytes
-        self.path_bytes = prompt_bytes
+        self.path_bytes = prompt_bytes[: node.end_pages * page_bytes]
         self.path_page_ids = path_page_ids
         self.owned: set[int] = set()
         self.pending_node: TreeNode | None = None

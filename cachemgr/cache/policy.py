@@ -8,7 +8,6 @@ numbers change with time must fold that into the value it returns then (see GDSF
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 

@@ -65,7 +65,6 @@ class PrefixCache:
         self._events = events
         self._hasher = PageHasher(page_size) if events is not None else None
         self._alloc = PageAllocator(num_pages)
-        self._owner = np.zeros(num_pages, dtype=np.int64)  # lease id owning an uncommitted page, else 0
         self._roots: dict[Namespace, TreeNode] = {}
         self._leases: dict[int, LeaseState] = {}
         self._heap = EvictionHeap()
@@ -97,12 +96,12 @@ class PrefixCache:
             child = children.get(tb[pos : pos + pb])
             if child is None:
                 break
-            end = pos + len(child.token_bytes)
-            if end <= n and tb[pos:end] == child.token_bytes:
+            if tb.startswith(child.token_bytes, pos):  # compares in place, no slice copy
                 path.append(child)
                 children = child.children
-                pos = end
+                pos += len(child.token_bytes)
                 continue
+            end = pos + len(child.token_bytes)
             return path, child, common_pages(child.token_bytes, tb[pos:end], self.page_size)
         return path, None, 0
 
@@ -171,8 +170,10 @@ class PrefixCache:
         if (isinstance(handle, _MatchHandle) and handle.epoch == self._epoch
                 and handle.namespace == namespace and handle.token_bytes == tb):  # fmt: skip
             path, partial, partial_pages = list(handle.path), handle.partial, handle.partial_pages
+            prefix_ids = match.page_ids  # a split below does not change the ids
         else:
             path, partial, partial_pages = self._walk(root, tb, 0)
+            prefix_ids = None
         if partial is not None:
             path.append(self._split(partial, partial_pages))
         self._clock += 1
@@ -185,10 +186,11 @@ class PrefixCache:
             node.hits += 1
         self.policy.on_use(path, now)
         end = path[-1] if path else root
-        prefix_ids = np.concatenate([n.page_ids for n in path]) if path else _EMPTY
+        if prefix_ids is None:
+            prefix_ids = np.concatenate([n.page_ids for n in path]) if path else _EMPTY
         lease_id = self._next_lease_id
         self._next_lease_id += 1
-        state = LeaseState(lease_id, namespace, end, tb, prefix_ids)
+        state = LeaseState(lease_id, namespace, end, tb, prefix_ids, self._page_bytes)
         self._leases[lease_id] = state
         if num_full > end.end_pages:
             state.register_pending(end, num_full)
@@ -220,7 +222,6 @@ class PrefixCache:
         pages = self._alloc.take(num_pages)
         if pages is None:
             return None
-        self._owner[pages] = lease_id
         state.owned.update(pages.tolist())
         self._leased_pages += num_pages
         return pages
@@ -242,7 +243,6 @@ class PrefixCache:
             node = node.parent
         if state.owned:
             owned = list(state.owned)
-            self._owner[owned] = 0
             self._alloc.give_back(owned)
             self._leased_pages -= len(owned)
         state.unregister_pending()
@@ -265,57 +265,62 @@ class PrefixCache:
         num = len(arr) // self.page_size
         if len(pids) != num:
             raise ValueError(f"{len(pids)} page ids for {num} pages of tokens")
-        if num and (int(pids.min()) < 0 or int(pids.max()) >= self.num_pages):
-            raise ValueError(f"page ids must be in [0, {self.num_pages})")
         tb = arr.tobytes()
         locked = state.locked_pages
-        shared = min(num, locked) * self._page_bytes
-        if tb[:shared] != state.path_bytes[:shared]:
+        if num >= locked:
+            same_prefix = tb.startswith(state.path_bytes)
+        else:
+            same_prefix = state.path_bytes.startswith(tb)
+        if not same_prefix:
             raise ValueError("commit tokens differ from the prefix this lease locked")
         extra: list[TreeNode] = []
         partial, partial_pages = None, 0
         if num > locked:
             extra, partial, partial_pages = self._walk(state.node, tb, locked * self._page_bytes)
-        tree_parts = [state.path_page_ids[: min(num, locked)]] + [n.page_ids for n in extra]
-        if partial is not None:
-            tree_parts.append(partial.page_ids[:partial_pages])
-        tree_ids = np.concatenate(tree_parts)
+        tree_ids = state.path_page_ids[: min(num, locked)]
+        if extra or partial is not None:
+            tree_parts = [tree_ids] + [n.page_ids for n in extra]
+            if partial is not None:
+                tree_parts.append(partial.page_ids[:partial_pages])
+            tree_ids = np.concatenate(tree_parts)
         k = len(tree_ids)
-        on_tree = pids[:k] == tree_ids
-        mine = np.concatenate([pids[:k][~on_tree], pids[k:]])
-        if len(mine) and (
-            not bool(np.all(self._owner[mine] == lease_id)) or len(np.unique(mine)) != len(mine)
-        ):
+        if pids.tobytes().startswith(tree_ids.tobytes()):  # the usual case: caller reused the tree's pages
+            dups: list[int] = []
+        else:
+            head = pids[:k]
+            dups = head[head != tree_ids].tolist()
+        mine = dups + pids[k:].tolist()
+        if len(set(mine)) != len(mine) or not state.owned.issuperset(mine):
             raise ValueError("page ids must be owned by this lease (once each) or already back the prefix")
         # -- validated: mutate from here on
-        dups = pids[:k][~on_tree].tolist()
         if dups:
             self._disown(state, dups)
             self._alloc.give_back(dups)
+            result = np.concatenate([tree_ids, pids[k:]])
+        else:
+            result = pids.copy()
+        result.flags.writeable = False  # nodes keep views of it
         if partial is not None:
             extra.append(self._split(partial, partial_pages))
         end = extra[-1] if extra else state.node
         self._clock += 1
         if num > k:
-            new_ids = pids[k:].copy()
-            new_ids.flags.writeable = False  # match hands out views of it
-            self._disown(state, new_ids.tolist())
-            end = self._insert(end, tb[k * self._page_bytes :], new_ids)
+            self._disown(state, mine[len(dups) :])
+            end = self._insert(end, tb[k * self._page_bytes :], result[k:])
         if num > locked:
             node = end
             while node is not state.node:
                 node.lock_count += 1
                 if node.lock_count == 1:
-                    self._locked_pages += node.num_pages
+                    self._locked_pages += len(node.page_ids)
                 node.last_access = self._clock
                 node = node.parent
                 assert node is not None
-            state.move_to(end, tb, np.concatenate([tree_ids, pids[k:]]))
+            state.move_to(end, tb, result)
             state.pending_committed(num)
-        return CommitResult(np.concatenate([tree_ids, pids[k:]]), num - k, len(dups))
+        return CommitResult(result, num - k, len(dups))
 
     def _disown(self, state: LeaseState, pages: list[int]) -> None:
-        self._owner[pages] = 0
         state.owned.difference_update(pages)
         self._leased_pages -= len(pages)
 
