@@ -37,6 +37,9 @@ from cachemgr.admin.protocol import (
 logger = logging.getLogger(__name__)
 
 MIN_TOKEN_LEN = 16
+# After a reply that ends a connection: how long, and how much input, to drain before closing.
+LINGER_S = 1.0
+LINGER_MAX_BYTES = 16 * 1024 * 1024
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_UNIX_PATH_BYTES = 107
 
@@ -202,12 +205,33 @@ class AdminServer:
                 writer.write(reply)
                 await asyncio.wait_for(writer.drain(), self._idle_timeout_s)
                 if not keep_open:
+                    await self._lingering_close(reader, writer)
                     break
         except (OSError, asyncio.TimeoutError):
             pass  # the client went away or stopped reading: nothing to tell it
         finally:
             self._connections.discard(writer)
             writer.close()
+
+    async def _lingering_close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then read and drop what the client still sends for a moment. Closing a socket with
+        unread input makes the kernel send a reset, which can destroy the error reply before the client
+        reads it (the client of an oversize request is typically still sending)."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        deadline = asyncio.get_running_loop().time() + LINGER_S
+        discarded = 0
+        while discarded < LINGER_MAX_BYTES:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                chunk = await asyncio.wait_for(reader.read(1 << 16), remaining)
+            except (asyncio.TimeoutError, ValueError):
+                break
+            if not chunk:
+                break
+            discarded += len(chunk)
 
     async def _next_reply(self, reader: asyncio.StreamReader, need_token: bool) -> tuple[bytes | None, bool]:
         """Read one request and produce (reply, keep the connection open). (None, False) on EOF or idle."""
