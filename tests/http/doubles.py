@@ -33,6 +33,16 @@ class ByteTokenizer:
         return IncrementalDetokenizer(self.decode, prompt_ids)
 
 
+class TagTokenizer(ByteTokenizer):
+    """For the scripted worker's outputs (ids up to 1000): text encodes as bytes, every id decodes to
+    "<id>", so a response's text spells out exactly which tokens the worker produced."""
+
+    vocab_size = 1024
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
 @dataclass
 class Submitted:
     namespace: object
