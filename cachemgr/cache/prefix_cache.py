@@ -25,7 +25,7 @@ from cachemgr.cache.hashing import PageHasher, block_hashes, namespace_seed
 from cachemgr.cache.integrity import check_cache, dump_tree
 from cachemgr.cache.lease_state import LeaseState
 from cachemgr.cache.node import TreeNode, common_pages
-from cachemgr.cache.policy import DEFAULT_POLICY, make_policy
+from cachemgr.cache.policy import DEFAULT_POLICY, EvictionPolicy, make_policy
 from cachemgr.cache.types import CacheStats, CommitResult, Lease, MatchResult, Namespace, TreeDump
 from cachemgr.cache.validate import as_int32_ids, check_count, check_namespace
 
@@ -52,7 +52,7 @@ class _MatchHandle:
 class PrefixCache:
     """Shared-prefix KV page cache. See the module docstring for the page states and request flow."""
 
-    def __init__(self, num_pages: int, page_size: int = 16, policy: str = DEFAULT_POLICY,
+    def __init__(self, num_pages: int, page_size: int = 16, policy: str | EvictionPolicy = DEFAULT_POLICY,
                  events: CacheEvents | None = None) -> None:  # fmt: skip
         if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
             raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
@@ -61,7 +61,8 @@ class PrefixCache:
         self.num_pages = num_pages
         self.page_size = page_size
         self._page_bytes = 4 * page_size
-        self.policy = make_policy(policy)
+        # An instance is for tools (the offline optimum in bench.replay needs to see the future).
+        self.policy = policy if isinstance(policy, EvictionPolicy) else make_policy(policy)
         self._events = events
         self._hasher = PageHasher(page_size) if events is not None else None
         self._alloc = PageAllocator(num_pages)
