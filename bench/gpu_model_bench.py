@@ -1,0 +1,180 @@
+"""Our model code (computeworker.model.llama + FlashInferAttention) on a random-weight Llama-3-8B-shape
+model in bf16: cold prefill model FLOP/s against the matmul ceiling, and 100 new tokens over a cached
+10,000-token prefix against the cold 10,100-token forward.
+
+    PYTHONPATH=. python3 bench/gpu_model_bench.py --out bench/results/gpu_model.json
+
+Also times the model's matmuls alone at the 8k shape (a "matmul only" floor for our shapes), so the
+gap between the model and the ceiling splits into matmul shape efficiency and everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.gpu_timing import copy_tbps, matmul_tflops, run_metadata, time_ms
+from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
+from computeworker.model.forward_batch import SeqChunk, build_forward_batch
+from computeworker.model.llama import LlamaModel
+from shared.model_spec import ModelSpec, spec_from_hf_config
+
+PAGE = 16
+LLAMA3_8B_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+def random_model(spec: ModelSpec, seed: int = 0) -> LlamaModel:
+    """The model with N(0, 0.02) weights and unit norms, filled through the public load_weight path."""
+    model = LlamaModel(spec, dtype=torch.bfloat16, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def fill(name: str, shape: tuple[int, ...]) -> None:
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.bfloat16, device="cuda")
+        else:
+            t = torch.empty(shape, dtype=torch.bfloat16, device="cuda").normal_(0.0, 0.02, generator=gen)
+        model.load_weight(name, t)
+
+    fill("model.embed_tokens.weight", (spec.vocab_size, spec.hidden_size))
+    fill("model.norm.weight", (spec.hidden_size,))
+    fill("lm_head.weight", (spec.vocab_size, spec.hidden_size))
+    for i, layer in enumerate(model.layers):
+        for suffix, (param, start, end) in layer.weight_slots(spec.intermediate_size).items():
+            fill(f"model.layers.{i}.{suffix}", (end - start, *param.shape[1:]))
+    model.finish_loading()
+    return model
+
+
+def model_flops(spec: ModelSpec, q_len: int, kv_len: int, num_logits: int = 1) -> float:
+    """Matmul FLOPs of one forward over q_len new tokens with kv_len total (causal attention counted
+    over the triangle the kernel computes), plus the LM head for `num_logits` tokens."""
+    h, d = spec.hidden_size, spec.head_dim
+    per_token = _linear_flops_per_token(spec)
+    prefix = kv_len - q_len
+    attended = q_len * prefix + q_len * (q_len + 1) / 2  # keys seen, summed over the new queries
+    attn = 2 * 2 * spec.num_heads * d * attended
+    return spec.num_layers * (q_len * per_token + attn) + 2 * h * spec.vocab_size * num_logits
+
+
+def matmul_only_ms(spec: ModelSpec, model: LlamaModel, q_len: int) -> float:
+    """The model's per-layer matmuls at q_len tokens, all layers' weights, nothing else."""
+    x = torch.randn(q_len, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    mid = torch.randn(q_len, spec.intermediate_size, dtype=torch.bfloat16, device="cuda")
+    attn_out = torch.randn(q_len, spec.num_heads * spec.head_dim, dtype=torch.bfloat16, device="cuda")
+
+    def run() -> None:
+        for layer in model.layers:
+            torch.nn.functional.linear(x, layer.qkv_weight)
+            torch.nn.functional.linear(attn_out, layer.o_weight)
+            torch.nn.functional.linear(x, layer.gate_up_weight)
+            torch.nn.functional.linear(mid, layer.down_weight)
+
+    return time_ms(run, warmup=2, reps=5)
+
+
+class Runner:
+    """One model, one pool, one attention backend; sequences placed on consecutive pages."""
+
+    def __init__(self, spec: ModelSpec, model: LlamaModel, max_tokens: int) -> None:
+        self.spec = spec
+        self.model = model
+        self.num_pages = max_tokens // PAGE + 8
+        self.pool = torch.zeros(
+            (spec.num_layers, self.num_pages, 2, PAGE, spec.num_kv_heads, spec.head_dim),
+            dtype=torch.bfloat16,
+            device="cuda",
+        )
+        shape = AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE)
+        self.attn = FlashInferAttention(shape, device="cuda")
+        self.attn.warmup()
+
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        kv_len = start_pos + tokens.numel()
+        pages = list(range((kv_len + PAGE - 1) // PAGE))
+        batch = build_forward_batch([SeqChunk(tokens.tolist(), start_pos, pages)], PAGE, "cuda")
+        return self.model.forward(batch, self.pool, self.attn)
+
+    def time_forward(self, tokens: torch.Tensor, start_pos: int, reps: int) -> float:
+        """Median ms of the whole forward (batch building included: it is part of serving a request)."""
+        return time_ms(lambda: self.forward(tokens, start_pos), warmup=2, reps=reps)
+
+
+def model_figures(matmul_ceiling_tflops: float, copy_ceiling_tbps: float) -> dict[str, Any]:
+    spec = spec_from_hf_config(LLAMA3_8B_CONFIG, "random-llama3-8b")
+    model = random_model(spec)
+    runner = Runner(spec, model, max_tokens=10_100 + PAGE)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, spec.vocab_size, (10_100,), generator=gen)
+
+    cold8k_ms = runner.time_forward(tokens[:8192], 0, reps=5)
+    cold8k_flops = model_flops(spec, 8192, 8192)
+    matmul8k_ms = matmul_only_ms(spec, model, 8192)
+    cold10k_ms = runner.time_forward(tokens, 0, reps=5)
+    runner.forward(tokens[:10_000], 0)  # the prefix's K/V in its pages, as a cache hit finds them
+    cached_ms = runner.time_forward(tokens[10_000:], 10_000, reps=20)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
+        spec.vocab_size * spec.hidden_size * 2  # the embedding table is gathered, not read whole
+    )
+    return {
+        "shape": "llama3-8b (random weights, bf16)",
+        "cold_8k_ms": cold8k_ms,
+        "cold_8k_tflops": cold8k_flops / (cold8k_ms * 1e-3) / 1e12,
+        "matmul_ceiling_tflops": matmul_ceiling_tflops,
+        "cold_8k_fraction_of_matmul": cold8k_flops / (cold8k_ms * 1e-3) / 1e12 / matmul_ceiling_tflops,
+        "target_cold_8k_fraction_of_matmul": 0.75,
+        "matmul_only_8k_ms": matmul8k_ms,
+        "matmul_only_8k_tflops": spec.num_layers
+        * 8192
+        * _linear_flops_per_token(spec)
+        / (matmul8k_ms * 1e-3)
+        / 1e12,
+        "cold_10100_ms": cold10k_ms,
+        "cached_100_over_10000_ms": cached_ms,
+        "cached_speedup": cold10k_ms / cached_ms,
+        "target_cached_speedup": 40.0,
+        "weight_read_floor_ms": weight_bytes / (copy_ceiling_tbps * 1e12) * 1e3,
+    }
+
+
+def _linear_flops_per_token(spec: ModelSpec) -> float:
+    """qkv + o + gate_up + down matmul FLOPs of one token in one layer."""
+    h, d = spec.hidden_size, spec.head_dim
+    qkv = 2 * h * (spec.num_heads * d + 2 * spec.num_kv_heads * d)
+    return qkv + 2 * spec.num_heads * d * h + 6 * h * spec.intermediate_size
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_model.json"))
+    args = parser.parse_args(argv)
+    ceilings = {"matmul_bf16_tflops": matmul_tflops(), "copy_tbps": copy_tbps()}
+    result: dict[str, Any] = {"meta": run_metadata(), "ceilings": ceilings}
+    result["model"] = model_figures(ceilings["matmul_bf16_tflops"], ceilings["copy_tbps"])
+    text = json.dumps(result, indent=2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
