@@ -22,7 +22,6 @@ import numpy as np
 import zmq
 
 from shared.ids import bytes_to_ids, ids_to_bytes
-from shared.pool import MappedPool, map_pool
 from shared.protocol import (
     PROTOCOL_VERSION,
     Abort,
@@ -87,7 +86,7 @@ class ScriptedWorker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(args.daemon)
-        self.pool: MappedPool | None = None
+        self.pool: np.ndarray | None = None
         self.page_size = 0
         self.chunk = 1
         self.hb_interval = 0.5
@@ -150,9 +149,19 @@ class ScriptedWorker:
 
     def on_message(self, msg: object) -> None:
         if isinstance(msg, Welcome):
-            if self.pool is not None:
-                self.pool.close()
-            self.pool = map_pool(msg.pool)
+            # numpy memmap of the DESIGN layout: the same bytes torch.from_file maps, minus torch's import time.
+            shape = (
+                msg.pool.num_layers,
+                msg.pool.num_pages,
+                2,
+                msg.pool.page_size,
+                msg.pool.num_kv_heads,
+                msg.pool.head_dim,
+            )
+            assert msg.pool.kind == "shm" and msg.pool.dtype == "float32", (
+                "the scripted worker maps fp32 shm pools"
+            )
+            self.pool = np.memmap(msg.pool.shm_path, dtype=np.float32, mode="r+", shape=shape)
             self.page_size = msg.pool.page_size
             self.chunk = msg.decode_page_chunk
             self.hb_interval = msg.heartbeat_interval_s
@@ -223,7 +232,7 @@ class ScriptedWorker:
     def slot_view(self, pages: list[int], position: int) -> np.ndarray:
         assert self.pool is not None
         page, slot = pages[position // self.page_size], position % self.page_size
-        return self.pool.tensor[:, page, :, slot]
+        return self.pool[:, page, :, slot]
 
     def read_slot(self, pages: list[int], position: int) -> float:
         view = self.slot_view(pages, position)
@@ -231,7 +240,7 @@ class ScriptedWorker:
         return first if bool((view == first).all()) else float("nan")
 
     def write_slot(self, pages: list[int], position: int, token: int) -> None:
-        self.slot_view(pages, position).fill_(kv_pattern(token, position))
+        self.slot_view(pages, position)[...] = kv_pattern(token, position)
 
     def step(self, req: _Req, now: float) -> None:
         if req.waiting_for or now < req.ready_at or now < req.next_step_at:
