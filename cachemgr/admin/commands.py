@@ -18,6 +18,7 @@ from cachemgr.admin.protocol import (
     to_jsonable,
 )
 from cachemgr.cache import IntegrityError, Namespace
+from cachemgr.daemon.errors import DaemonIntegrityError
 
 
 def salt_fingerprint(salt: str) -> str:
@@ -105,11 +106,13 @@ class AdminCommands:
         }
 
     async def _cmd_check(self, _args: Any) -> dict[str, Any]:
-        """Runs the cache's integrity check (free + cached + leased == pool, lock counts, ...)."""
+        """Runs the integrity check: the daemon's own `check()` when it has one (the cache's invariant
+        plus its request/lease bookkeeping), else the cache's (free + cached + leased == pool, locks)."""
+        check = getattr(self._daemon, "check", None) or self._daemon.cache.check
         try:
-            self._daemon.cache.check()
-        except IntegrityError as exc:
-            return {"healthy": False, "message": str(exc)}
+            check()
+        except (IntegrityError, DaemonIntegrityError) as exc:
+            return {"healthy": False, "message": f"{type(exc).__name__}: {exc}"}
         return {"healthy": True, "message": "ok"}
 
     async def _prefix(self, args: PinArgs) -> tuple[Namespace, list[int]]:

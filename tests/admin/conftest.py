@@ -18,6 +18,7 @@ import pytest
 
 from cachemgr.admin.server import AdminServer
 from cachemgr.cache import Namespace, PrefixCache
+from cachemgr.daemon.errors import DaemonIntegrityError
 
 MODEL = "test-model"
 PAGE_SIZE = 4
@@ -32,6 +33,7 @@ class FakeDaemon:
         self.cache = cache
         self.model_name = MODEL
         self.tokenized: list[str] = []
+        self.bookkeeping_error: str | None = None  # set by a test to break the daemon's own invariant
 
     def stats(self) -> dict[str, Any]:
         return {"workers": 2, "queue_depth": 3, "running": 1, "requests_total": 7}
@@ -44,6 +46,11 @@ class FakeDaemon:
 
     def leases_info(self) -> list[dict[str, Any]]:
         return [{"lease_id": 5, "request_id": b"\x01\x02".hex(), "worker_id": "w1", "owned_pages": 2}]
+
+    def check(self) -> None:
+        self.cache.check()
+        if self.bookkeeping_error is not None:
+            raise DaemonIntegrityError(self.bookkeeping_error)
 
     async def tokenize(self, text: str) -> list[int]:
         # One token per character: deterministic, and enough to exercise the text path.

@@ -15,7 +15,7 @@ import pytest
 
 from cachemgr.admin.cli import default_socket_path, main
 from cachemgr.admin.server import AdminServer
-from cachemgr.cache import Namespace
+from cachemgr.cache import IntegrityError, Namespace
 from tests.admin.conftest import MODEL, NUM_PAGES, PAGE_SIZE, TOKEN, FakeDaemon, cache_prompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,15 +168,25 @@ async def test_check_reports_a_broken_invariant(
     fill(daemon)
     assert await cli(server, "check") == 0
     assert capsys.readouterr().out == "ok: page accounting and locks are consistent\n"
-    daemon.cache._cached_pages += 1  # simulate a bookkeeping bug
+    daemon.cache._cached_pages += 1  # simulate a bookkeeping bug inside the cache
+    with pytest.raises(IntegrityError) as broken:
+        daemon.cache.check()
     assert await cli(server, "check") == 1
-    out = capsys.readouterr().out
-    assert out.startswith("integrity check failed: ")
-    result = await asyncio.to_thread(main, ["check", "--json", "--socket", str(server.path)], {})
-    assert result == 1
-    assert json.loads(capsys.readouterr().out)["healthy"] is False
+    assert capsys.readouterr().out.startswith("integrity check failed: IntegrityError: ")
+    assert await asyncio.to_thread(main, ["check", "--json", "--socket", str(server.path)], {}) == 1
+    assert json.loads(capsys.readouterr().out) == {
+        "healthy": False,
+        "message": f"IntegrityError: {broken.value}",
+    }
     daemon.cache._cached_pages -= 1
-    daemon.cache.check()
+    daemon.bookkeeping_error = "lease 3 has no request"  # the daemon's own invariant (daemon.check())
+    assert await asyncio.to_thread(main, ["check", "--json", "--socket", str(server.path)], {}) == 1
+    assert json.loads(capsys.readouterr().out) == {
+        "healthy": False,
+        "message": "DaemonIntegrityError: lease 3 has no request",
+    }
+    daemon.bookkeeping_error = None
+    assert await cli(server, "check") == 0
 
 
 async def test_errors_exit_1_with_a_clear_message(
