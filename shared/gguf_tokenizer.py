@@ -17,6 +17,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from shared.gguf_file import GGUFFile
 from shared.model_spec import GGUFMetadata
 
 # llama.cpp token types
@@ -40,9 +41,8 @@ class GGUFVocab:
 def load_gguf_vocab(path: Path) -> GGUFVocab:
     """Read the tokenizer from a GGUF file's metadata (no tensor data is read). Raises ValueError for an
     unsupported vocabulary kind or pre-tokenizer."""
-    from gguf import GGUFReader
-
-    meta = GGUFMetadata(GGUFReader(str(path), "r"))
+    with GGUFFile(path) as gguf_file:
+        meta = GGUFMetadata(gguf_file.fields)
     kind = meta.get("tokenizer.ggml.model")
     tokens: list[str] = meta.get("tokenizer.ggml.tokens")
     types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))

@@ -153,19 +153,19 @@ def _rope_scaling(src: Mapping[str, Any]) -> RopeScaling | None:
 
 
 def _spec_from_gguf(path: Path) -> ModelSpec:
-    from gguf import GGUFReader  # imported here: only GGUF users pay for it
+    from shared.gguf_file import GGUFFile
 
-    reader = GGUFReader(str(path), "r")
-    meta = GGUFMetadata(reader)
+    with GGUFFile(path) as gguf_file:
+        meta = GGUFMetadata(gguf_file.fields)
+        tensor_names = {t.name for t in gguf_file.tensors}
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}")
     hidden = int(meta.get(f"{arch}.embedding_length"))
     num_heads = int(meta.get(f"{arch}.attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
     vocab = meta.get(f"{arch}.vocab_size", None)
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = len(meta.get("tokenizer.ggml.tokens"))
     scaling = None
     if meta.get(f"{arch}.rope.scaling.type", None) == "linear":
         scaling = RopeScaling("linear", float(meta.get(f"{arch}.rope.scaling.factor")))
@@ -196,21 +196,20 @@ def _spec_from_gguf(path: Path) -> ModelSpec:
 
 
 class GGUFMetadata:
-    """Typed access to a GGUFReader's key/value fields."""
+    """Access to a GGUF file's key/value fields with clear errors for missing keys."""
 
     _MISSING = object()
 
-    def __init__(self, reader: Any) -> None:
-        self._fields = reader.fields
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self._fields = fields
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """The field's value (str, number, bool or list). Raises ValueError if absent and no default."""
-        field = self._fields.get(key)
-        if field is None:
-            if default is GGUFMetadata._MISSING:
-                raise ValueError(f"GGUF metadata lacks {key!r}")
-            return default
-        return field.contents()
+        if key in self._fields:
+            return self._fields[key]
+        if default is GGUFMetadata._MISSING:
+            raise ValueError(f"GGUF metadata lacks {key!r}")
+        return default
 
 
 def _read_json(path: Path) -> dict[str, Any]:
