@@ -256,3 +256,11 @@ def test_interpolation_follows_compose_rules() -> None:
     )
     with pytest.raises(compose_file.InterpolationError, match="required variable UNSET is missing: boom"):
         compose_file.interpolate("${UNSET:?boom}", env)
+
+
+def test_deploy_doc_lists_exactly_the_variables_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = (compose_file.REPO_ROOT / "docs" / "deploy.md").read_text()
+    documented = set(re.findall(r"^\| `(RADIXKV_[A-Z_]+)`", doc, flags=re.MULTILINE))
+    documented |= set(re.findall(r"^\| `RADIXKV_UID` / `(RADIXKV_GID)`", doc, flags=re.MULTILINE))
+    code_reads = env_reads.daemon_reads(monkeypatch) | env_reads.worker_reads(monkeypatch)
+    assert documented == code_reads | COMPOSE_ONLY
