@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     pool.submit(first_chunk_s, client, model, question(tokenizer, 900 + i), "warmup")
                     for i in range(args.workers)
                 ]
-                [f.result() for f in warm]
+                for future in warm:
+                    future.result()
             cold = [
                 first_chunk_s(client, model, system + question(tokenizer, i), f"cold-{i}")
                 for i in range(args.cold_reps)
