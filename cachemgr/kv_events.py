@@ -20,7 +20,10 @@ the socket: PUB drops messages for slow subscribers instead of blocking.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import stat
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -115,12 +118,27 @@ class KVEventPublisher:
         self._socket = ctx.socket(zmq.PUB)
         self._socket.setsockopt(zmq.LINGER, 1000)  # let the last batches out on close, not forever
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
+        self._ipc_path: str | None = None
         try:
-            self._socket.bind(endpoint)
+            self._bind(endpoint)
         except zmq.ZMQError:
             self._socket.close(linger=0)
             raise
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _bind(self, endpoint: str) -> None:
+        """Bind; an ipc:// socket file gets mode 0600 from the start, because the stream carries the token
+        ids of every cached prompt (all tenants'), which other local users must not read."""
+        if not endpoint.startswith("ipc://"):
+            self._socket.bind(endpoint)
+            return
+        old_umask = os.umask(0o177)
+        try:
+            self._socket.bind(endpoint)
+        finally:
+            os.umask(old_umask)
+        self._ipc_path = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)[len("ipc://") :]
+        os.chmod(self._ipc_path, 0o600)
 
     @property
     def next_sequence(self) -> int:
@@ -178,12 +196,16 @@ class KVEventPublisher:
         return len(events)
 
     def close(self) -> None:
-        """Send anything buffered, then close the socket. Idempotent."""
+        """Send anything buffered, then close the socket (an ipc:// file is removed). Idempotent."""
         if self._closed:
             return
         self.flush()
         self._closed = True
         self._socket.close()
+        if self._ipc_path is not None:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(self._ipc_path).st_mode):
+                    os.unlink(self._ipc_path)
 
     def _accepts(self, namespace: Any) -> bool:
         model = getattr(namespace, "model", self._model)

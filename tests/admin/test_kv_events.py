@@ -4,6 +4,8 @@ flushes; the stream must match the tree's changes exactly (hashes, parents, toke
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +147,16 @@ async def test_stream_matches_tree_changes(
     cache.check()
     assert not subscriber.poll(100)  # nothing else was sent
     assert publisher.next_sequence == seq0 + 5
+
+
+def test_ipc_socket_is_0600_and_removed_on_close(
+    short_dir: Path, zmq_context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    pub = KVEventPublisher(f"ipc://{short_dir}/ev.sock", model=MODEL, context=zmq_context)
+    mode = os.lstat(short_dir / "ev.sock").st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    pub.close()
+    assert not (short_dir / "ev.sock").exists()
 
 
 def test_wire_format_is_vllm_array_like(publisher: KVEventPublisher, subscriber: zmq.Socket[bytes]) -> None:
