@@ -39,7 +39,7 @@ _CACHE_COUNTERS = (
     ("prompt_tokens_hit", "tokens_hit", "Prompt tokens found in the prefix cache (not recomputed)."),
     ("cache_evicted_pages", "evictions", "KV pages evicted from the prefix cache."),
 )
-_PAGE_STATES = ("free", "cached", "leased", "pinned")
+_PAGE_STATES = ("free", "cached", "leased", "locked", "pinned")
 # (metric suffix, daemon.stats() key, help)
 _DAEMON_GAUGES = (
     ("queue_depth", "queue_depth", "Requests waiting to be dispatched to a worker."),
@@ -76,7 +76,7 @@ class _ScrapeCollector(Collector):
             yield counter
         pages = GaugeMetricFamily(
             f"{PREFIX}_kv_pages",
-            "KV pages by state (pinned pages are also counted as cached).",
+            "KV pages by state: free + cached + leased = pool; locked and pinned are subsets of cached.",
             labels=["state"],
         )
         for state in _PAGE_STATES:
