@@ -8,6 +8,7 @@ numbers change with time must fold that into the value it returns then (see GDSF
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -42,8 +43,43 @@ class LRUPolicy(EvictionPolicy):
         return float(node.last_access)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {LRUPolicy.name: LRUPolicy}
-DEFAULT_POLICY = "lru"
+class LFRUPolicy(EvictionPolicy):
+    """Recency plus a frequency credit measured in the cache's own eviction horizon.
+
+    priority = last_access + alpha * horizon * log2(1 + hits), where ``horizon`` is a moving average of
+    how long evicted pages had been idle (logical clock ticks). A node used often (a hot system prompt,
+    a conversation many turns deep) survives longer than one used once, but the credit is bounded in
+    units of the current eviction age, so abandoned conversations still age out, and when the cache is
+    large (long horizon, little pressure) the ordering stays close to LRU. No constants depend on the
+    trace's time scale: the horizon adapts to capacity and load.
+    """
+
+    name = "lfru"
+
+    def __init__(self, alpha: float = 0.25) -> None:
+        if not alpha >= 0.0:
+            raise ValueError("alpha must be >= 0")
+        self.alpha = alpha
+        self._horizon = 0.0
+        self._now = 0
+
+    def on_insert(self, node: TreeNode, now: int) -> None:
+        self._now = now
+
+    def on_use(self, path: list[TreeNode], now: int) -> None:
+        self._now = now
+
+    def on_evict(self, node: TreeNode, priority: float) -> None:
+        idle = self._now - node.last_access
+        # An exponential moving average: reacts to load changes within a few hundred evictions.
+        self._horizon = float(idle) if self._horizon == 0.0 else 0.99 * self._horizon + 0.01 * idle
+
+    def priority(self, node: TreeNode) -> float:
+        return node.last_access + self.alpha * self._horizon * math.log2(1 + node.hits)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {LRUPolicy.name: LRUPolicy, LFRUPolicy.name: LFRUPolicy}
+DEFAULT_POLICY = "lfru"
 
 
 def make_policy(name: str) -> EvictionPolicy:

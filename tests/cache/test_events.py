@@ -35,7 +35,7 @@ def put(cache: PrefixCache, tokens: list[int], ns: Namespace = NS) -> None:
 
 def test_stored_removed_cleared_exactly() -> None:
     rec = Recorder()
-    cache = PrefixCache(8, page_size=2, events=rec)
+    cache = PrefixCache(8, page_size=2, policy="lru", events=rec)
     put(cache, [1, 1, 2, 2])
     ((kind, ns, parent, (h1, h2), toks, ps),) = rec.events
     assert (kind, ns, parent, toks, ps) == ("stored", NS, None, [1, 1, 2, 2], 2)

@@ -61,7 +61,7 @@ def test_only_full_pages_match_and_partial_node_split() -> None:
 
 
 def test_lru_eviction_order_tail_first() -> None:
-    cache = PrefixCache(6, page_size=PS)
+    cache = PrefixCache(6, page_size=PS, policy="lru")
     assert put(cache, [1, 1, 2, 2]) == [0, 1]  # A
     assert put(cache, [3, 3, 4, 4]) == [2, 3]  # B
     assert put(cache, [5, 5, 6, 6]) == [4, 5]  # C
@@ -78,6 +78,22 @@ def test_lru_eviction_order_tail_first() -> None:
     # evicts C's head; the free list is LIFO, so the most recently freed page comes first
     assert ids(cache.allocate(lease.lease_id, 4)) == [4, 5, 2, 3]
     assert ids(cache.match(NS, [1, 1, 2, 2]).page_ids) == [0, 1]
+    cache.check()
+
+
+def test_lfru_keeps_a_frequently_used_prefix_over_a_newer_one_used_once() -> None:
+    cache = PrefixCache(8, page_size=PS, policy="lfru")
+    assert cache.stats().policy == "lfru"
+    put(cache, [9, 9])  # clock 1-2
+    put(cache, [1, 1])  # A: clock 3-4
+    for _ in range(5):  # A used five more times: clock 5-9
+        cache.release(cache.open_lease(NS, [1, 1]).lease_id)
+    put(cache, [2, 2])  # B: clock 10-11
+    assert cache.evict(1) == 1  # no eviction horizon yet: plain LRU takes [9 9], idle 9 ticks
+    cache.release(cache.open_lease(NS, [1, 1]).lease_id)  # A at 12 + 0.25 * 9 * log2(7) = 18.3
+    put(cache, [3, 3])  # C: 14
+    assert cache.evict(2) == 2  # B (11) then C (14); LRU would have taken A (12) before C
+    assert [cache.match(NS, t).matched_len for t in ([1, 1], [2, 2], [3, 3])] == [2, 0, 0]
     cache.check()
 
 
