@@ -11,13 +11,11 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
-
 from cachemgr.daemon.errors import RequestFailed
 from cachemgr.daemon.scheduler import Scheduler
-from cachemgr.daemon.state import RequestState, WorkerState, wait_until
+from cachemgr.daemon.state import RequestState, WorkerState, pack_ids, wait_until
 from cachemgr.daemon.stream import StreamEvent
-from shared.ids import bytes_to_ids, ids_to_bytes
+from shared.ids import bytes_to_ids
 from shared.protocol import (
     PROTOCOL_VERSION,
     Commit,
@@ -166,34 +164,36 @@ class WorkerMessages:
 
     def _checked_commit(self, req: RequestState, tokens_raw: bytes, pages_raw: bytes) -> Any:
         """Validate a commit against what the daemon knows, then apply it. Raises BadMessage."""
-        try:
-            tokens, page_ids = bytes_to_ids(tokens_raw), bytes_to_ids(pages_raw)
-        except ValueError as exc:
-            raise BadMessage(ErrorCode.MALFORMED, str(exc)) from None
+        if len(tokens_raw) % 4 or len(pages_raw) % 4:
+            raise BadMessage(ErrorCode.MALFORMED, "id arrays must be int32 bytes")
+        num_tokens, num_page_ids = len(tokens_raw) // 4, len(pages_raw) // 4
         page = self.s.page_size
-        if not len(tokens) or len(tokens) % page or len(page_ids) != len(tokens) // page:
+        if not num_tokens or num_tokens % page or num_page_ids != num_tokens // page:
             raise BadMessage(
                 ErrorCode.BAD_PAGES,
-                f"commit needs whole pages: {len(tokens)} tokens with {len(page_ids)} page ids",
+                f"commit needs whole pages: {num_tokens} tokens with {num_page_ids} page ids",
             )
-        try:
-            known = req.known_tokens(len(tokens))
-        except ValueError as exc:
-            raise BadMessage(ErrorCode.BAD_PAGES, str(exc)) from None
-        if not np.array_equal(tokens, known):
+        if num_tokens > len(req.prompt) + len(req.generated):
+            raise BadMessage(
+                ErrorCode.BAD_PAGES,
+                f"commit of {num_tokens} tokens, only {len(req.prompt) + len(req.generated)} known",
+            )
+        # Byte-wise: a worker may only share the tokens it was asked to compute (no cache poisoning).
+        if tokens_raw != req.known_bytes(num_tokens):
             raise BadMessage(ErrorCode.BAD_PAGES, "committed tokens differ from the request's tokens")
+        tokens, page_ids = bytes_to_ids(tokens_raw), bytes_to_ids(pages_raw)
         try:
             result = self.s.cache.commit(req.lease_id, tokens, page_ids)
         except ValueError as exc:
             raise BadMessage(ErrorCode.BAD_PAGES, str(exc)) from None
-        self.s.lease_committed(req.lease_id)
+        self.s.lease_committed(req.lease_id, result.num_duplicate_pages)
         return result
 
     def _commit(self, worker: WorkerState, msg: Commit) -> None:
         req = self._owned(worker, msg.request_id)
         result = self._checked_commit(req, msg.tokens, msg.page_ids)
         self.s.link.send(
-            worker.identity, CommitAck(request_id=msg.request_id, page_ids=ids_to_bytes(result.page_ids))
+            worker.identity, CommitAck(request_id=msg.request_id, page_ids=pack_ids(result.page_ids))
         )
 
     def _page_request(self, worker: WorkerState, msg: PageRequest) -> None:
@@ -203,7 +203,7 @@ class WorkerMessages:
         pages = self.s.cache.allocate(req.lease_id, msg.num_pages)
         if pages is not None:
             self.s.link.send(
-                worker.identity, PagesGranted(request_id=msg.request_id, page_ids=ids_to_bytes(pages))
+                worker.identity, PagesGranted(request_id=msg.request_id, page_ids=pack_ids(pages))
             )
             return
         task = asyncio.get_running_loop().create_task(self._wait_for_pages(worker, req, msg.num_pages))
@@ -219,7 +219,7 @@ class WorkerMessages:
             pages = self.s.cache.allocate(req.lease_id, num_pages)
             if pages is not None:
                 self.s.link.send(
-                    worker.identity, PagesGranted(request_id=req.request_id, page_ids=ids_to_bytes(pages))
+                    worker.identity, PagesGranted(request_id=req.request_id, page_ids=pack_ids(pages))
                 )
                 return
             if not await wait_until(freed, deadline):

@@ -159,12 +159,13 @@ class Scheduler:
             event.set()
         self.pages_freed.notify()
 
-    def lease_committed(self, lease_id: int) -> None:
-        """Wake requests waiting for this lease's pending prefix."""
+    def lease_committed(self, lease_id: int, num_freed: int) -> None:
+        """Wake requests waiting for this lease's pending prefix (and for pages, if duplicates were freed)."""
         event = self._lease_events.pop(lease_id, None)
         if event is not None:
             event.set()
-        self.pages_freed.notify()  # duplicates the commit freed
+        if num_freed:
+            self.pages_freed.notify()
 
     def _detach(self, req: RequestState) -> None:
         """Take the request off its worker and give its lease back."""

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cachemgr.daemon.stream import RequestStream
+from shared.ids import ID_DTYPE
 from shared.protocol import SamplingParams
+
+
+def pack_ids(ids: np.ndarray) -> bytes:
+    """Wire bytes of an integer array the daemon produced itself (no range checks: the hot path)."""
+    return ids.astype(ID_DTYPE, copy=False).tobytes()
 
 
 class Signal:
@@ -89,6 +95,16 @@ class RequestState:
     aborted: bool = False
     admit_task: asyncio.Task[None] | None = None
     abort_timer: asyncio.TimerHandle | None = None
+    prompt_bytes: bytes = b""  # the prompt as little-endian int32, for byte-wise commit checks
+
+    def __post_init__(self) -> None:
+        self.prompt_bytes = self.prompt.tobytes()
+
+    def known_bytes(self, length: int) -> bytes:
+        """known_tokens(length) as wire bytes; the common case (within the prompt) is one slice."""
+        if length <= len(self.prompt):
+            return self.prompt_bytes[: 4 * length]
+        return self.known_tokens(length).tobytes()
 
     def known_tokens(self, length: int) -> np.ndarray:
         """The first ``length`` tokens of prompt + generated (ValueError if fewer are known)."""

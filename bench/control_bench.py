@@ -1,0 +1,240 @@
+"""Control-path benchmark: a worker's Commit or PageRequest and the daemon's reply over ZeroMQ ipc://.
+
+Four worker processes (DEALER) each hold a 4096-token request dispatched by a real in-process Daemon
+(uvloop) and send, closed loop, alternately Commit(all 4096 tokens, 256 pages) and PageRequest(1);
+every reply is awaited before the next send. Reported: round-trip p50/p99 in microseconds over all
+workers, and control messages per second (all replies / wall time).
+
+Baseline in the same run: the same four processes round-trip a msgpack *list* of 4096 ints through a
+ROUTER that decodes it and answers with a list (what the protocol would cost without raw int32 bytes).
+
+    python -m bench.control_bench [--json] [--seconds 3] [--workers 4]
+With --json the last line printed is one JSON object with p50_us, p99_us, msgs_per_s (daemon path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import zmq
+
+PROMPT_LEN = 4096
+PAGE = 16
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    arr = np.asarray(samples)
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+# ---------------------------------------------------------------------------------------- worker side
+
+
+def run_worker(endpoint: str, mode: str, seconds: float, out: Path, index: int) -> None:
+    from shared.ids import ids_to_bytes
+    from shared.protocol import PROTOCOL_VERSION, Codec, Commit, Dispatch, PageRequest, Register
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    codec = Codec()
+    if mode == "baseline":
+        payload = msgspec.msgpack.encode(list(range(index, index + PROMPT_LEN)))
+        frames = [payload]
+    else:
+        sock.send(
+            codec.encode(
+                Register(
+                    protocol_version=PROTOCOL_VERSION,
+                    pid=os.getpid(),
+                    device="cpu",
+                    max_running=1,
+                    model="bench",
+                )
+            )
+        )
+        codec.decode_from_daemon(sock.recv())  # Welcome
+        dispatch = codec.decode_from_daemon(sock.recv())
+        assert isinstance(dispatch, Dispatch)
+        pages = np.frombuffer(dispatch.new_page_ids, dtype="<i4")[: PROMPT_LEN // PAGE]
+        commit = codec.encode(
+            Commit(request_id=dispatch.request_id, tokens=dispatch.tokens, page_ids=ids_to_bytes(pages))
+        )
+        page_req = codec.encode(PageRequest(request_id=dispatch.request_id, num_pages=1))
+        frames = [commit, page_req]
+    samples: list[float] = []
+    clock = time.perf_counter
+    warmup_end = clock() + 0.3
+    end = warmup_end + seconds
+    i = 0
+    while True:
+        t0 = clock()
+        if t0 > end:
+            break
+        sock.send(frames[i % len(frames)])
+        reply = sock.recv()
+        t1 = clock()
+        if mode == "daemon" and reply[:1] and b"error" in reply[:16]:
+            raise RuntimeError(f"daemon replied with an error: {codec.decode_from_daemon(reply)}")
+        if t0 >= warmup_end:
+            samples.append((t1 - t0) * 1e6)
+        i += 1
+    out.write_text(json.dumps(samples))
+    sock.close()
+    ctx.term()
+
+
+# ---------------------------------------------------------------------------------------- daemon side
+
+
+def _spawn_workers(
+    endpoint: str, mode: str, n: int, seconds: float, tmp: Path
+) -> list[subprocess.Popen[bytes]]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.control_bench",
+        "--worker",
+        endpoint,
+        "--mode",
+        mode,
+        "--seconds",
+        str(seconds),
+    ]
+    return [
+        subprocess.Popen([*cmd, "--out", str(tmp / f"{mode}-{i}.json"), "--index", str(i)]) for i in range(n)
+    ]
+
+
+def _collect(procs: list[subprocess.Popen[bytes]], mode: str, tmp: Path, wall_s: float) -> dict[str, float]:
+    samples: list[float] = []
+    for i, proc in enumerate(procs):
+        if proc.wait() != 0:
+            raise RuntimeError(f"{mode} worker {i} failed")
+        samples.extend(json.loads((tmp / f"{mode}-{i}.json").read_text()))
+    p50, p99 = _percentiles(samples)
+    return {
+        "p50_us": round(p50, 1),
+        "p99_us": round(p99, 1),
+        "msgs_per_s": round(len(samples) / wall_s),
+        "num_msgs": len(samples),
+    }
+
+
+async def bench_baseline(n: int, seconds: float, tmp: Path) -> dict[str, float]:
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    endpoint = f"ipc://{tmp}/baseline.sock"
+    sock.bind(endpoint)
+    procs = _spawn_workers(endpoint, "baseline", n, seconds, tmp)
+    encode, decode = msgspec.msgpack.encode, msgspec.msgpack.decode
+
+    async def serve() -> None:
+        while True:
+            identity, data = await sock.recv_multipart()
+            ids = decode(data)
+            await sock.send_multipart([identity, encode(ids[: PROMPT_LEN // PAGE])])
+
+    task = asyncio.create_task(serve())
+    start = time.perf_counter()
+    while any(p.poll() is None for p in procs):
+        await asyncio.sleep(0.05)
+    wall = time.perf_counter() - start - 0.3  # minus the warmup the workers do not count
+    task.cancel()
+    sock.close(linger=0)
+    ctx.term()
+    return _collect(procs, "baseline", tmp, wall)
+
+
+async def bench_daemon(n: int, seconds: float, tmp: Path) -> dict[str, float]:
+    from cachemgr.cache import Namespace, PrefixCache
+    from cachemgr.daemon import Daemon, DaemonSettings
+    from shared.kv_layout import KVLayout
+    from shared.pool import create_pool
+    from shared.protocol import SamplingParams
+
+    # Tiny pages (128 B): the bench measures the control path, not memory; room for every PageRequest.
+    layout = KVLayout(num_layers=1, num_pages=400_000, page_size=PAGE, num_kv_heads=1, head_dim=1)
+    pool = create_pool(layout, "shm", name=f"bench-{os.getpid()}")
+    settings = DaemonSettings(
+        endpoint=f"ipc://{tmp}/workers.sock", heartbeat_interval_s=30, heartbeat_timeout_s=120
+    )
+    cache = PrefixCache(layout.num_pages, page_size=PAGE)
+    daemon = Daemon(
+        cache=cache, pool=pool.descriptor(), settings=settings, model_name="bench", max_context_len=1 << 20
+    )
+    await daemon.start()
+    try:
+        procs = _spawn_workers(daemon.endpoint, "daemon", n, seconds, tmp)
+        while daemon.stats()["workers"] < n:
+            await asyncio.sleep(0.01)
+        streams = [
+            await daemon.submit(
+                Namespace("bench"),
+                (np.arange(PROMPT_LEN) + 7919 * i) % 50_000,
+                SamplingParams(max_tokens=1 << 19),
+            )
+            for i in range(n)
+        ]
+        start = time.perf_counter()
+        while any(p.poll() is None for p in procs):
+            await asyncio.sleep(0.05)
+        wall = time.perf_counter() - start - 0.3
+        result = _collect(procs, "daemon", tmp, wall)
+        daemon.check()
+        for stream in streams:
+            stream.abort()
+        return result
+    finally:
+        await daemon.stop()
+        pool.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per phase")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="daemon", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(args.worker, args.mode, args.seconds, Path(args.out), args.index)
+        return
+    import uvloop
+
+    with tempfile.TemporaryDirectory(prefix="radixkv-bench-") as tmp:
+        baseline = uvloop.run(bench_baseline(args.workers, args.seconds, Path(tmp)))
+        result = uvloop.run(bench_daemon(args.workers, args.seconds, Path(tmp)))
+    print(
+        f"naive msgpack-list round trip ({args.workers} workers): p50 {baseline['p50_us']} us, p99 {baseline['p99_us']} us, {baseline['msgs_per_s']} msgs/s"
+    )
+    print(
+        f"daemon Commit/PageRequest round trip ({args.workers} workers): p50 {result['p50_us']} us, p99 {result['p99_us']} us, {result['msgs_per_s']} msgs/s"
+    )
+    print(
+        f"speedup over baseline: p50 {baseline['p50_us'] / result['p50_us']:.1f}x, p99 {baseline['p99_us'] / result['p99_us']:.1f}x"
+    )
+    if args.json:
+        print(json.dumps({**result, "workers": args.workers, "prompt_len": PROMPT_LEN, "baseline": baseline}))
+
+
+if __name__ == "__main__":
+    main()
