@@ -63,7 +63,7 @@ def decode_attention(copy_ceiling_tbps: float, num_seqs: int = 64, kv_len: int =
 
     local = torch.randn(layout.shape, dtype=torch.bfloat16, device="cuda")
     attn.begin(batch)
-    local_ms = time_ms(lambda: attn.forward(0, q, k, k, local[0]), warmup=5, reps=50)
+    local_ms = time_ms(lambda: attn.forward(0, q, k, k, local[0]), warmup=5, reps=15, inner=20)
 
     from shared.pool import map_pool
 
@@ -72,11 +72,11 @@ def decode_attention(copy_ceiling_tbps: float, num_seqs: int = 64, kv_len: int =
     try:
         mapped.tensor.copy_(local)
         torch.cuda.synchronize()
-        ipc_ms = time_ms(lambda: attn.forward(0, q, k, k, mapped.tensor[0]), warmup=5, reps=50)
+        ipc_ms = time_ms(lambda: attn.forward(0, q, k, k, mapped.tensor[0]), warmup=5, reps=15, inner=20)
         # The attention kernel alone (no K/V write, no launch of the two index copies).
-        kernel_ms = time_ms(lambda: attn._decode.run(q, mapped.tensor[0]), warmup=5, reps=50)
+        kernel_ms = time_ms(lambda: attn._decode.run(q, mapped.tensor[0]), warmup=5, reps=15, inner=20)
         # The same kernel once more on the local pool, so drift between the two runs shows.
-        local_ms_again = time_ms(lambda: attn.forward(0, q, k, k, local[0]), warmup=5, reps=50)
+        local_ms_again = time_ms(lambda: attn.forward(0, q, k, k, local[0]), warmup=5, reps=15, inner=20)
     finally:
         mapped.close()
         owner.close()

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from bench.gpu_timing import copy_tbps, matmul_tflops, run_metadata, time_ms
+from bench.gpu_timing import copy_tbps, host_issue_ms, matmul_tflops, run_metadata, time_ms
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.llama import LlamaModel
+from computeworker.model.llama_cuda import LlamaCudaForward
 from shared.model_spec import ModelSpec, spec_from_hf_config
 
 PAGE = 16
@@ -94,9 +95,10 @@ def matmul_only_ms(spec: ModelSpec, model: LlamaModel, q_len: int) -> float:
 class Runner:
     """One model, one pool, one attention backend; sequences placed on consecutive pages."""
 
-    def __init__(self, spec: ModelSpec, model: LlamaModel, max_tokens: int) -> None:
+    def __init__(self, spec: ModelSpec, model: LlamaModel, max_tokens: int, *, fused: bool) -> None:
         self.spec = spec
         self.model = model
+        self._forward = LlamaCudaForward(model) if fused else model.forward
         self.num_pages = max_tokens // PAGE + 8
         self.pool = torch.zeros(
             (spec.num_layers, self.num_pages, 2, PAGE, spec.num_kv_heads, spec.head_dim),
@@ -111,7 +113,7 @@ class Runner:
         kv_len = start_pos + tokens.numel()
         pages = list(range((kv_len + PAGE - 1) // PAGE))
         batch = build_forward_batch([SeqChunk(tokens.tolist(), start_pos, pages)], PAGE, "cuda")
-        return self.model.forward(batch, self.pool, self.attn)
+        return self._forward(batch, self.pool, self.attn, False)
 
     def time_forward(self, tokens: torch.Tensor, start_pos: int, reps: int) -> float:
         """Median ms of the whole forward (batch building included: it is part of serving a request)."""
@@ -119,9 +121,21 @@ class Runner:
 
 
 def model_figures(matmul_ceiling_tflops: float, copy_ceiling_tbps: float) -> dict[str, Any]:
+    """Both forward paths on one model: `model` (LlamaCudaForward, fused kernels) and `torch_path`
+    (LlamaModel.forward as wired, the torch ops)."""
     spec = spec_from_hf_config(LLAMA3_8B_CONFIG, "random-llama3-8b")
     model = random_model(spec)
-    runner = Runner(spec, model, max_tokens=10_100 + PAGE)
+    result = {}
+    for key, fused in (("model", True), ("torch_path", False)):
+        result[key] = path_figures(spec, model, fused, matmul_ceiling_tflops, copy_ceiling_tbps)
+        print(json.dumps({key: result[key]}), file=sys.stderr, flush=True)
+    return result
+
+
+def path_figures(
+    spec: ModelSpec, model: LlamaModel, fused: bool, matmul_ceiling_tflops: float, copy_ceiling_tbps: float
+) -> dict[str, Any]:
+    runner = Runner(spec, model, max_tokens=10_100 + PAGE, fused=fused)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, spec.vocab_size, (10_100,), generator=gen)
 
@@ -131,11 +145,13 @@ def model_figures(matmul_ceiling_tflops: float, copy_ceiling_tbps: float) -> dic
     cold10k_ms = runner.time_forward(tokens, 0, reps=5)
     runner.forward(tokens[:10_000], 0)  # the prefix's K/V in its pages, as a cache hit finds them
     cached_ms = runner.time_forward(tokens[10_000:], 10_000, reps=20)
+    cached_issue_ms = host_issue_ms(lambda: runner.forward(tokens[10_000:], 10_000))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
         spec.vocab_size * spec.hidden_size * 2  # the embedding table is gathered, not read whole
     )
     return {
         "shape": "llama3-8b (random weights, bf16)",
+        "forward": "LlamaCudaForward (FlashInfer fused ops)" if fused else "LlamaModel.forward",
         "cold_8k_ms": cold8k_ms,
         "cold_8k_tflops": cold8k_flops / (cold8k_ms * 1e-3) / 1e12,
         "matmul_ceiling_tflops": matmul_ceiling_tflops,
@@ -149,6 +165,7 @@ def model_figures(matmul_ceiling_tflops: float, copy_ceiling_tbps: float) -> dic
         / 1e12,
         "cold_10100_ms": cold10k_ms,
         "cached_100_over_10000_ms": cached_ms,
+        "cached_host_issue_ms": cached_issue_ms,
         "cached_speedup": cold10k_ms / cached_ms,
         "target_cached_speedup": 40.0,
         "weight_read_floor_ms": weight_bytes / (copy_ceiling_tbps * 1e12) * 1e3,
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     ceilings = {"matmul_bf16_tflops": matmul_tflops(), "copy_tbps": copy_tbps()}
     result: dict[str, Any] = {"meta": run_metadata(), "ceilings": ceilings}
-    result["model"] = model_figures(ceilings["matmul_bf16_tflops"], ceilings["copy_tbps"])
+    result.update(model_figures(ceilings["matmul_bf16_tflops"], ceilings["copy_tbps"]))
     text = json.dumps(result, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

@@ -9,6 +9,7 @@ import multiprocessing as mp
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
@@ -18,8 +19,9 @@ import torch
 from shared.kv_layout import KVLayout
 
 
-def time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20) -> float:
-    """Median milliseconds of `fn` on the current stream, timed with device events around each call."""
+def time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20, inner: int = 1) -> float:
+    """Median milliseconds of one call of `fn`, timed with device events around `inner` back-to-back
+    calls (inner > 1 keeps the queue full, so host launch time between short kernels drops out)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -28,10 +30,24 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20) -> flo
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def host_issue_ms(fn: Callable[[], object], reps: int = 10) -> float:
+    """Median host milliseconds to enqueue one call of `fn` (no wait for the GPU): when it is close to the
+    device time, the call is bound by Python and kernel launches, not by the GPU."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 

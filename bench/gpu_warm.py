@@ -31,6 +31,12 @@ def _warm(kind: str) -> None:
             flashinfer.rmsnorm(x, w)
         elif kind == "activation":
             flashinfer.silu_and_mul(x)
+        elif kind == "rope":
+            q = torch.randn(64, 32 * 128, dtype=torch.bfloat16, device="cuda")
+            k = torch.randn(64, 8 * 128, dtype=torch.bfloat16, device="cuda")
+            cos_sin = torch.randn(4096, 128, dtype=torch.float32, device="cuda")
+            pos = torch.arange(64, device="cuda")
+            flashinfer.apply_rope_with_cos_sin_cache_inplace(pos, q, k, 128, cos_sin, is_neox=True)
         torch.cuda.synchronize()
     print(f"warm {kind}: {time.perf_counter() - start:.1f} s", flush=True)
 
@@ -48,4 +54,4 @@ def main(kinds: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["prefill", "decode", "norm", "activation"]))
+    sys.exit(main(sys.argv[1:] or ["prefill", "decode", "norm", "activation", "rope"]))

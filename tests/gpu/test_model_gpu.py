@@ -71,14 +71,14 @@ def prompt(n: int, seed: int) -> list[int]:
 def generate(ours, pool: torch.Tensor, tokens: list[int], start_pos: int, pages: list[int], n: int):
     """Prefill tokens[start_pos:] over pages already holding tokens[:start_pos], then greedy-decode n
     tokens. Returns (prefill logits [vocab], generated ids)."""
-    model, _, attn = ours
+    forward, _, attn = ours
     batch = build_forward_batch([SeqChunk(tokens[start_pos:], start_pos, pages)], PAGE, "cuda")
-    first = model.forward(batch, pool, attn)[0]
+    first = forward(batch, pool, attn, False)[0]
     out = [int(first.argmax())]
     pos = len(tokens)
     for _ in range(n - 1):
         batch = build_forward_batch([SeqChunk([out[-1]], pos, pages)], PAGE, "cuda")
-        out.append(int(model.forward(batch, pool, attn)[0].argmax()))
+        out.append(int(forward(batch, pool, attn, False)[0].argmax()))
         pos += 1
     return first, out
 
@@ -90,19 +90,19 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def test_bf16_logits_match_transformers(model_dir: Path, ours) -> None:
     from transformers import LlamaForCausalLM
 
-    model, spec, attn = ours
+    forward, spec, attn = ours
     tokens = prompt(200, seed=1)
     reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to("cuda").eval()
     with torch.no_grad():
         expected = reference(torch.tensor([tokens], device="cuda")).logits[0]
     pool = new_pool(spec)
     batch = build_forward_batch([SeqChunk(tokens, 0, list(range(13)))], PAGE, "cuda")
-    logits = model.forward(batch, pool, attn, all_logits=True)
+    logits = forward(batch, pool, attn, True)
     assert logits.shape == (200, 1000)
     assert rel_err(logits, expected) < BF16_LOGITS_REL_TOL
     # Decode one token over the 200 cached positions: the same as transformers on 201 tokens.
     batch = build_forward_batch([SeqChunk([7], 200, list(range(13)))], PAGE, "cuda")
-    step = model.forward(batch, pool, attn)
+    step = forward(batch, pool, attn, False)
     with torch.no_grad():
         expected_step = reference(torch.tensor([[*tokens, 7]], device="cuda")).logits[0, -1]
     assert rel_err(step[0], expected_step) < BF16_LOGITS_REL_TOL

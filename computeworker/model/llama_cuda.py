@@ -1,0 +1,99 @@
+"""The Llama forward pass on CUDA with FlashInfer's fused kernels: the same function as
+`LlamaModel.forward` (computeworker/model/llama.py), with fewer passes over memory and fewer launches.
+
+Per layer, torch's path runs ~25 kernels (RMSNorm, rotate-half RoPE as cat/neg/mul/add on q and on k,
+SiLU then mul, separate residual adds); this one runs ~10::
+
+    fused_add_rmsnorm(h, residual)   residual += h; h = rmsnorm(residual)   (one kernel, in place)
+    qkv = h @ Wqkv
+    rope(q, k) in place               cos/sin from a per-position fp32 table, no temporaries
+    attention(q, k, v)                the backend writes k/v into the pool first
+    h = o @ Wo
+    fused_add_rmsnorm(h, residual)
+    h = silu_and_mul(h @ Wgate_up) @ Wdown
+
+The residual stream is carried separately and added lazily by the next fused_add_rmsnorm, so no layer
+pays a separate add. Used only for CUDA models in float16/bfloat16 (FlashInfer's kernels); CPU and
+float32 keep the torch path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from computeworker.model.batch import AttentionBackend, ForwardBatch
+
+if TYPE_CHECKING:
+    from computeworker.model.llama import LlamaModel
+
+_MIN_ROPE_POSITIONS = 4096
+
+
+def fused_path_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where this forward runs: a CUDA device, float16/bfloat16, and FlashInfer importable."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("flashinfer") is not None
+
+
+class LlamaCudaForward:
+    """Runs `model`'s forward with fused kernels. State: the RoPE cos/sin table (fp32, grown on demand to
+    cover the largest position seen; rebuilt if the model's rotary embedding object is replaced)."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self._rope_source: object | None = None
+        self._cos_sin = torch.empty(0, model.spec.head_dim, dtype=torch.float32, device=model.device)
+
+    def _cos_sin_table(self, max_position: int) -> torch.Tensor:
+        """[n, head_dim] float32: cos of each frequency in the first half, sin in the second."""
+        rope = self.model.rope
+        if rope is not self._rope_source or self._cos_sin.shape[0] <= max_position:
+            n = max(_MIN_ROPE_POSITIONS, 1 << max_position.bit_length(), self._cos_sin.shape[0])
+            positions = torch.arange(n, device=self.model.device)
+            cos, sin = rope.cos_sin(positions, torch.float32)  # each [n, head_dim], halves repeated
+            half = self.model.spec.head_dim // 2
+            self._cos_sin = torch.cat((cos[:, :half], sin[:, :half]), dim=-1).contiguous()
+            self._rope_source = rope
+        return self._cos_sin
+
+    @torch.inference_mode()
+    def __call__(
+        self, batch: ForwardBatch, kv_pool: torch.Tensor, attention: AttentionBackend, all_logits: bool
+    ) -> torch.Tensor:
+        """Same contract as LlamaModel.forward."""
+        import flashinfer
+
+        model, spec = self.model, self.model.spec
+        eps = spec.rms_norm_eps
+        d = spec.head_dim
+        cos_sin = self._cos_sin_table(max(batch.kv_lens))
+        attention.begin(batch)
+        residual = F.embedding(batch.input_ids, model.embed)
+        h = flashinfer.rmsnorm(residual, model.layers[0].input_norm, eps)
+        for i, layer in enumerate(model.layers):
+            if i > 0:
+                flashinfer.fused_add_rmsnorm(h, residual, layer.input_norm, eps)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            q, k, v = qkv.split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
+            flashinfer.apply_rope_with_cos_sin_cache_inplace(batch.positions, q, k, d, cos_sin, is_neox=True)
+            o = attention.forward(
+                i,
+                q.view(-1, spec.num_heads, d),
+                k.view(-1, spec.num_kv_heads, d),
+                v.view(-1, spec.num_kv_heads, d),
+                kv_pool[i],
+            )
+            h = F.linear(o.reshape(-1, layer.q_size), layer.o_weight, layer.o_bias)
+            flashinfer.fused_add_rmsnorm(h, residual, layer.post_norm, eps)
+            h = F.linear(flashinfer.silu_and_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
+        residual += h
+        if not all_logits:
+            residual = residual.index_select(0, (batch.qo_indptr[1:] - 1).to(torch.long))
+        x = flashinfer.rmsnorm(residual, model.final_norm, eps)
+        return F.linear(x, model.lm_head).float()
