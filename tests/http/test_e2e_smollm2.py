@@ -1,0 +1,143 @@
+"""End to end on the real stack: `cachemgr up`'s supervisor starts the daemon and 2 workers on the
+embedded SmolLM2-135M-Instruct (CPU), and the official openai client talks to it. Outputs are short
+(max_tokens 8) to keep this fast."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from cachemgr.launcher import StackConfig, Supervisor, free_port
+from shared.default_model import default_model_path
+
+KEY = "test-key-a"
+# ~500 tokens of system prompt: from the second turn on, the uncached part of a prompt (the new user
+# message, the template's markers, the partial last page) is under 10% of it.
+SYSTEM = "You are a concise assistant for a bicycle rental shop. " + " ".join(
+    f"Rule {i}: bikes returned after {i % 12 + 1} pm cost {i % 5 + 2} euros extra." for i in range(40)
+)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = StackConfig(
+        num_workers=2,
+        model=str(default_model_path()),
+        http_port=free_port(),
+        run_dir=tmp / "run",
+        log_dir=tmp / "logs",
+        ready_timeout_s=240.0,
+        daemon_args=(f"--api-keys={KEY}", "--kv-budget=64MiB"),
+    )
+    supervisor = Supervisor(config)
+    supervisor.start()
+    try:
+        supervisor.wait_ready(min_workers=2)
+        yield supervisor
+    finally:
+        supervisor.stop()
+    daemon_pid = supervisor.daemon.proc.pid if supervisor.daemon.proc else 0
+    assert [c.name for c in supervisor.children if c.running] == []
+    assert not Path(f"/dev/shm/radixkv-{os.getuid()}-{daemon_pid}.kv").exists()
+    assert sorted(p.name for p in config.run_dir.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def api(stack: Supervisor) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=stack.config.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    yield client
+    client.close()
+
+
+def _model(api: openai.OpenAI) -> str:
+    return api.models.list().data[0].id
+
+
+def test_openai_client_streaming_equals_non_streaming(api: openai.OpenAI) -> None:
+    model = _model(api)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    full = api.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    text = full.choices[0].message.content
+    assert text and full.usage is not None and full.usage.completion_tokens <= 8
+    chunks = api.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    completion = api.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.prompt_tokens > 0
+
+
+def test_five_turn_chat_reuses_the_conversation(api: openai.OpenAI) -> None:
+    model = _model(api)
+    messages = [{"role": "system", "content": SYSTEM}]
+    shares = []
+    for question in (
+        "Hi!",
+        "Can I rent a bike?",
+        "How late can I return it?",
+        "What does late cost?",
+        "Thanks.",
+    ):
+        messages.append({"role": "user", "content": question})
+        reply = api.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+        usage = reply.usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        shares.append(usage.prompt_tokens_details.cached_tokens / usage.prompt_tokens)
+    assert shares[0] < 0.9
+    assert all(share >= 0.9 for share in shares[1:]), shares
+
+
+def test_cache_salt_isolation(api: openai.OpenAI) -> None:
+    model = _model(api)
+    prompt = SYSTEM + " Which rule mentions 7 pm?"
+
+    def cached(salt: str) -> int:
+        r = api.completions.create(
+            model=model, prompt=prompt, max_tokens=1, temperature=0, extra_body={"cache_salt": salt}
+        )
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    first, again, other = cached("tenant-a"), cached("tenant-a"), cached("tenant-b")
+    assert (first, other) == (0, 0)
+    assert again > 0.9 * len(prompt.split())
+
+
+def test_error_shapes(stack: Supervisor, api: openai.OpenAI) -> None:
+    bad_key = openai.OpenAI(base_url=stack.config.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e401:
+        bad_key.models.list()
+    assert e401.value.status_code == 401 and e401.value.code == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as e404:
+        api.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    assert e404.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e400:
+        api.completions.create(model=_model(api), prompt="x", max_tokens=1, temperature=-1)
+    assert e400.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        api.completions.create(model=_model(api), prompt=[5] * 9000, max_tokens=1)
+    assert too_long.value.code == "context_length_exceeded"
+    bad_key.close()
+
+
+def test_supervisor_restarts_a_killed_worker(stack: Supervisor, api: openai.OpenAI) -> None:
+    victim = stack.workers[0]
+    assert victim.proc is not None
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    reply = api.completions.create(model=_model(api), prompt="One, two,", max_tokens=2, temperature=0)
+    assert reply.usage.completion_tokens >= 1  # the other worker keeps serving
+    deadline = time.monotonic() + 120
+    while victim.num_restarts == 0 or stack.health_workers() != 2:
+        assert time.monotonic() < deadline, "the killed worker was not replaced"
+        stack.poll()
+        time.sleep(0.2)
+    assert victim.running
