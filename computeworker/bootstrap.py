@@ -20,7 +20,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def build_runtime(config: WorkerConfig) -> WorkerRuntime:
     """Load everything the worker needs (slow: reads the weights). Raises ValueError for a model or
     device it cannot use."""
-    from computeworker.model import load_model
+    from computeworker.model.loader import load_model
     from shared.default_model import default_model_path
     from shared.tokenizer import load_tokenizer
 
@@ -31,7 +31,7 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
     path = config.model_path or default_model_path()
     dtype = _DTYPES[config.resolved_dtype]
     device = torch.device(config.device)
-    model, spec = load_model(path, dtype, device)
+    model, spec = load_model(path, dtype, device, progress=True)
     tokenizer = load_tokenizer(path)
     eos = tuple(sorted(set(spec.eos_token_ids) | set(tokenizer.eos_token_ids)))
     info = ModelInfo(
@@ -52,7 +52,7 @@ def attention_factory(
 ) -> Callable[[int], AttentionBackend]:
     """page_size -> backend: FlashInfer on CUDA in 16-bit when it is installed, else the torch
     reference backend (CPU, fp32, or no flashinfer)."""
-    from computeworker.model import TorchAttention
+    from computeworker.model.attention_torch import TorchAttention
 
     def make(page_size: int) -> AttentionBackend:
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
