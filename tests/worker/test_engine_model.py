@@ -1,0 +1,201 @@
+"""The engine on a tiny random Llama (transformers' save_pretrained) over a real shm pool: chunked
+prefill and cache hits reproduce the cold computation."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from computeworker.engine.engine import Engine, EngineConfig
+from computeworker.model.attention_torch import TorchAttention
+from computeworker.model.batch import ForwardBatch
+from computeworker.model.llama import LlamaModel
+from computeworker.model.loader import load_model
+from shared.ids import bytes_to_ids, ids_to_bytes
+from shared.kv_layout import KVLayout
+from shared.pool import MappedPool, create_pool, map_pool
+from shared.protocol import (
+    Commit,
+    CommitAck,
+    Dispatch,
+    Finished,
+    FinishReason,
+    Generated,
+    PageRequest,
+    PagesGranted,
+    SamplingParams,
+)
+
+from .conftest import LetterTokenizer
+
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir: Path) -> LlamaModel:
+    model, _ = load_model(tiny_llama_dir, torch.float32, "cpu", progress=False)
+    return model
+
+
+@pytest.fixture
+def pool(tiny: LlamaModel) -> Iterator[MappedPool]:
+    s = tiny.spec
+    layout = KVLayout(s.num_layers, 64, PAGE, s.num_kv_heads, s.head_dim)
+    owned = create_pool(layout, "shm", name=f"wm-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    mapped = map_pool(owned.descriptor())
+    mapped.tensor.fill_(float("nan"))  # a read of a slot nobody wrote poisons the logits
+    yield mapped
+    mapped.close()
+    owned.close()
+
+
+class RecordingModel:
+    """Passes through to the real model and keeps each step's logits."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self.logits: list[torch.Tensor] = []
+
+    def forward(
+        self, batch: ForwardBatch, kv_pool: torch.Tensor, attention: TorchAttention, all_logits: bool = False
+    ) -> torch.Tensor:
+        out = self.model.forward(batch, kv_pool, attention, all_logits)
+        self.logits.append(out.clone())
+        return out
+
+
+@dataclass
+class MiniDaemon:
+    """Plays the daemon's part for one engine: hands out pages from a free list, acks commits unchanged
+    (or with the pages a previous request committed for the same tokens), collects outputs."""
+
+    engine: Engine
+    free: list[int]
+    tree: dict[tuple[int, ...], int] = field(default_factory=dict)  # token prefix (full pages) -> page
+    outputs: dict[bytes, list[int]] = field(default_factory=dict)
+    finished: dict[bytes, Finished] = field(default_factory=dict)
+
+    def dispatch(
+        self, rid: bytes, prompt: list[int], sampling: SamplingParams, *, use_cache: bool = True
+    ) -> None:
+        prefix: list[int] = []
+        while use_cache and (len(prefix) + 1) * PAGE <= len(prompt):
+            page = self.tree.get(tuple(prompt[: (len(prefix) + 1) * PAGE]))
+            if page is None:
+                break
+            prefix.append(page)
+        matched = len(prefix) * PAGE
+        num_new = max(1, -(-(len(prompt) - matched) // PAGE))
+        new = [self.free.pop(0) for _ in range(num_new)]
+        self.outputs[rid] = []
+        self.engine.add(
+            Dispatch(rid, ids_to_bytes(prompt), matched, ids_to_bytes(prefix), ids_to_bytes(new), sampling)
+        )
+
+    def _commit(self, tokens: list[int], pages: list[int]) -> list[int]:
+        out = []
+        for i, page in enumerate(pages):
+            key = tuple(tokens[: (i + 1) * PAGE])
+            out.append(self.tree.setdefault(key, page))
+        return out
+
+    def run(self) -> None:
+        while True:
+            for msg in self.engine.take_messages():
+                if isinstance(msg, PageRequest):
+                    grant = [self.free.pop(0) for _ in range(msg.num_pages)]
+                    self.engine.on_pages_granted(PagesGranted(msg.request_id, ids_to_bytes(grant)))
+                elif isinstance(msg, Commit):
+                    pages = self._commit(
+                        bytes_to_ids(msg.tokens).tolist(), bytes_to_ids(msg.page_ids).tolist()
+                    )
+                    self.engine.on_commit_ack(CommitAck(msg.request_id, ids_to_bytes(pages)))
+                elif isinstance(msg, Generated):
+                    self.outputs[msg.request_id] += bytes_to_ids(msg.tokens).tolist()
+                elif isinstance(msg, Finished):
+                    self._commit(bytes_to_ids(msg.tokens).tolist(), bytes_to_ids(msg.page_ids).tolist())
+                    self.finished[msg.request_id] = msg
+            if not self.engine.has_work():
+                return
+            self.engine.step()
+
+
+def _mini(tiny: LlamaModel, pool: MappedPool, prefill_chunk: int = 64) -> tuple[MiniDaemon, RecordingModel]:
+    rec = RecordingModel(tiny)
+    config = EngineConfig(
+        PAGE, tiny.spec.max_position_embeddings, (), max_running=8, prefill_chunk=prefill_chunk
+    )
+    engine = Engine(rec, TorchAttention(), pool.tensor, LetterTokenizer(), config)
+    return MiniDaemon(engine, list(range(1, 64))), rec
+
+
+PROMPT = [5, 17, 99, 3, 250, 41, 8, 8, 130, 77, 12, 200, 64]  # 13 tokens: 3 full pages + 1
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def test_three_prefill_chunks_give_the_logits_of_one(tiny: LlamaModel, pool: MappedPool) -> None:
+    one, rec_one = _mini(tiny, pool)
+    one.dispatch(b"1" * 16, PROMPT[:12], GREEDY)
+    one.run()
+    three, rec_three = _mini(tiny, pool, prefill_chunk=4)
+    three.free = list(range(40, 64))
+    three.dispatch(b"3" * 16, PROMPT[:12], GREEDY)
+    three.run()
+    assert len(rec_three.logits) == len(rec_one.logits) + 2  # the prompt took 3 steps instead of 1
+    torch.testing.assert_close(rec_three.logits[2], rec_one.logits[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(rec_three.logits[3:], rec_one.logits[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert three.outputs[b"3" * 16] == one.outputs[b"1" * 16]
+    assert len(one.outputs[b"1" * 16]) == 10
+
+
+def test_partial_and_full_cache_hits_equal_the_cold_output(tiny: LlamaModel, pool: MappedPool) -> None:
+    mini, _ = _mini(tiny, pool)
+    mini.dispatch(b"c" * 16, PROMPT, GREEDY, use_cache=False)
+    mini.run()
+    cold = mini.outputs[b"c" * 16]
+    fin = mini.finished[b"c" * 16]
+    # 13 prompt + 9 fed output tokens = 22 positions written: 5 full pages committed at finish
+    assert fin.reason is FinishReason.LENGTH and len(bytes_to_ids(fin.page_ids)) == 5
+
+    mini.dispatch(b"p" * 16, PROMPT, GREEDY)  # 12 of 13 cached: only the last token is computed
+    assert mini.engine.get(b"p" * 16).matched_len == 12  # type: ignore[union-attr]
+    mini.run()
+    assert mini.outputs[b"p" * 16] == cold
+
+    full_prompt = PROMPT + cold[:3]  # 16 tokens, all cached by the cold run's final commit
+    mini.dispatch(b"f" * 16, full_prompt, SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))
+    assert mini.engine.get(b"f" * 16).matched_len == 16  # type: ignore[union-attr]
+    mini.run()
+    assert mini.outputs[b"f" * 16] == cold[3:]
+
+    fresh, _ = _mini(tiny, pool)
+    fresh.free = list(range(40, 64))
+    fresh.dispatch(b"x" * 16, [*PROMPT[:8], 1, 2, 3], GREEDY, use_cache=False)
+    fresh.run()
+    mini.dispatch(b"y" * 16, [*PROMPT[:8], 1, 2, 3], GREEDY)  # shares 2 pages, new suffix
+    assert mini.engine.get(b"y" * 16).matched_len == 8  # type: ignore[union-attr]
+    mini.run()
+    assert mini.outputs[b"y" * 16] == fresh.outputs[b"x" * 16]
+
+
+def test_batched_requests_match_each_alone_and_seeds_reproduce(tiny: LlamaModel, pool: MappedPool) -> None:
+    seeded = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True)
+    alone = {}
+    for rid, prompt, params in [(b"a" * 16, PROMPT, GREEDY), (b"b" * 16, PROMPT[3:9], seeded)]:
+        mini, _ = _mini(tiny, pool)
+        mini.dispatch(rid, prompt, params)
+        mini.run()
+        alone[rid] = mini.outputs[rid]
+    mini, _ = _mini(tiny, pool, prefill_chunk=5)
+    mini.dispatch(b"a" * 16, PROMPT, GREEDY)
+    mini.engine.step()  # "a" is mid-prefill when "b" arrives: mixed steps follow
+    mini.dispatch(b"b" * 16, PROMPT[3:9], seeded)
+    mini.run()
+    assert mini.outputs == alone
