@@ -78,6 +78,9 @@ class Scheduler:
             await self._admit_until_dispatched(req)
         except RequestFailed as exc:
             self.fail(req, exc)
+        except Exception as exc:  # a bug must end the stream, not leave the client hanging
+            logger.exception("admitting request %s failed", req.request_id.hex())
+            self.fail(req, RequestFailed(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             self.num_waiting -= 1
             req.admit_task = None
