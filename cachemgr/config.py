@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from cachemgr.cache import DEFAULT_POLICY, POLICIES
 from cachemgr.daemon.settings import DaemonSettings
 from shared.pool import parse_size
 
@@ -138,7 +139,7 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
         "Pages handed out per decode chunk (fewer round trips vs. less reserved memory).",
     ),
     ("max_attempts", int, 3, "Dispatches per request before a request whose workers keep dying fails."),
-    ("eviction_policy", str, "lru", "Cache eviction policy."),
+    ("eviction_policy", str, DEFAULT_POLICY, f"Cache eviction policy: {', '.join(sorted(POLICIES))}."),
     (
         "kv_events_endpoint",
         str,
@@ -199,6 +200,10 @@ class DaemonConfig:
             raise ValueError(f"page size must be in [1, 1024], got {self.page_size}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"num pages must be at least 2, got {self.num_pages}")
+        if self.eviction_policy not in POLICIES:
+            raise ValueError(
+                f"eviction policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}"
+            )
         if self.admin_tcp_port is not None and not self.admin_token:
             raise ValueError("--admin-tcp-port needs --admin-token")
         self.daemon_settings()  # validates the worker-channel options

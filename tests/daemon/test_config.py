@@ -64,6 +64,7 @@ def test_gpu_device_picks_cuda_ipc_and_bfloat16() -> None:
         (["--admin-tcp-port", "9999"], {}, "needs --admin-token"),
         ([], {"RADIXKV_KV_BUDGET": "huge"}, "RADIXKV_KV_BUDGET"),
         (["--kv-dtype", "int8"], {}, "kv dtype"),
+        (["--eviction-policy", "random"], {}, "eviction policy"),
     ],
 )
 def test_bad_values_raise_value_error(argv: list[str], env: dict[str, str], message: str) -> None:
