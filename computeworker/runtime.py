@@ -210,7 +210,7 @@ class WorkerRuntime:
             stream_interval_s=self._config.stream_interval_s,
         )
         return Engine(
-            self._model, self._attention, self._pool.tensor, self._tokenizer, config, rng=random.Random()
+            self._model, self._attention[1], self._pool.tensor, self._tokenizer, config, rng=random.Random()
         )
 
     async def _read(self, link: DaemonLink, inbox: list[DaemonToWorker], wakeup: asyncio.Event) -> None:
