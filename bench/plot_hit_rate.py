@@ -1,0 +1,91 @@
+"""Hit rate against capacity for every policy and the Belady optimum, on several generated traces.
+
+Writes bench/results/replay_hit_rate.json and bench/results/hit_rate_vs_capacity.png.
+
+    python -m bench.plot_hit_rate [--out-dir bench/results] [--sessions 1500] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from bench.replay import BeladyPolicy, infinite_hit_rate, load_trace, replay
+from bench.traces import TraceConfig, generate
+from cachemgr.cache import POLICIES
+
+# Three different kinds of traffic (not one generator setting): chat-heavy, agent-heavy, many prompts.
+SETTINGS = {
+    "chat": {"agent_share": 0.1, "think_s_median": 60.0},
+    "agents": {"agent_share": 0.7, "think_s_median": 20.0, "zipf_a": 1.5},
+    "many-prompts": {"agent_share": 0.3, "num_system_prompts": 400, "zipf_a": 0.9, "arrival_per_s": 4.0},
+}
+CAPACITY_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)  # of the trace's distinct blocks
+
+
+def _one(job: tuple[str, int, str]) -> tuple[str, int, str, float]:
+    path, capacity, policy = job
+    requests = load_trace(path)
+    chosen = BeladyPolicy(requests) if policy == "belady" else policy
+    return path, capacity, policy, replay(requests, capacity, chosen)["hit_rate"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out-dir", default="bench/results")
+    parser.add_argument("--sessions", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs, meta = [], {}
+    for name, overrides in SETTINGS.items():
+        cfg = TraceConfig(sessions=args.sessions, seed=args.seed, **overrides)  # type: ignore[arg-type]
+        path = out_dir / f"replay_trace_{name}.jsonl.tmp"
+        rows = generate(cfg)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        distinct = len({b for r in rows for b in r["hash_ids"]})  # type: ignore[attr-defined]
+        caps = sorted({max(16, int(distinct * f)) for f in CAPACITY_FRACTIONS})
+        meta[str(path)] = {"setting": name, "config": overrides, "requests": len(rows), "distinct_blocks": distinct,
+                           "infinite_hit_rate": round(infinite_hit_rate(load_trace(str(path))), 4), "capacities": caps}  # fmt: skip
+        jobs += [(str(path), c, p) for c in caps for p in [*sorted(POLICIES), "belady"]]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(_one, jobs))
+    table: dict[str, dict[str, object]] = {}
+    for path, capacity, policy, hit in results:
+        entry = table.setdefault(meta[path]["setting"], dict(meta[path]))
+        entry.setdefault("hit_rate", {}).setdefault(policy, {})[str(capacity)] = round(hit, 4)  # type: ignore[union-attr]
+    for path in meta:
+        Path(path).unlink()
+    (out_dir / "replay_hit_rate.json").write_text(json.dumps(table, indent=1) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], table.items(), strict=True):
+        for policy, points in entry["hit_rate"].items():  # type: ignore[union-attr]
+            caps = sorted(int(c) for c in points)
+            ax.plot(caps, [points[str(c)] for c in caps], marker="o", label=policy,
+                    linestyle="--" if policy == "belady" else "-")  # fmt: skip
+        ax.axhline(entry["infinite_hit_rate"], color="grey", linewidth=0.8, label="infinite cache")
+        ax.set_xscale("log")
+        ax.set_title(f"{name} ({entry['requests']} requests)")
+        ax.set_xlabel("capacity (blocks)")
+        ax.set_ylabel("prefix hit rate")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "hit_rate_vs_capacity.png", dpi=110)
+    for name, entry in table.items():
+        print(name, json.dumps(entry["hit_rate"]))
+
+
+if __name__ == "__main__":
+    main()
