@@ -85,7 +85,7 @@ class CacheStats:
 
 @dataclass(frozen=True, slots=True)
 class DumpNode:
-    """One node of the bounded tree view: a run of pages with the same lock count and owner."""
+    """One node of the bounded tree view: a radix edge (a run of pages stored and locked together)."""
 
     token_preview: tuple[int, ...]
     num_pages: int
