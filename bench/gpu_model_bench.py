@@ -120,6 +120,40 @@ class Runner:
         return time_ms(lambda: self.forward(tokens, start_pos), warmup=2, reps=reps)
 
 
+def host_costs_us(spec: ModelSpec, runner: Runner, q_len: int = 100) -> dict[str, float]:
+    """Host microseconds to issue one call of each op the cached forward runs per layer (at q_len
+    tokens): what a launch-bound forward spends its time on."""
+    import flashinfer
+
+    layer = runner.model.layers[0]
+    x = torch.randn(q_len, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    res = torch.randn_like(x)
+    qkv = torch.randn(q_len, layer.q_size + 2 * layer.kv_size, dtype=torch.bfloat16, device="cuda")
+    gate_up = torch.randn(q_len, 2 * spec.intermediate_size, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(q_len, spec.num_heads, spec.head_dim, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(q_len, spec.num_kv_heads, spec.head_dim, dtype=torch.bfloat16, device="cuda")
+    cos_sin = torch.randn(16384, spec.head_dim, dtype=torch.float32, device="cuda")
+    pos = torch.arange(10_000, 10_000 + q_len, device="cuda")
+    pages = list(range((10_000 + q_len + PAGE - 1) // PAGE))
+    batch = build_forward_batch([SeqChunk(list(range(q_len)), 10_000, pages)], PAGE, "cuda")
+    ops = {
+        "linear_qkv": lambda: torch.nn.functional.linear(x, layer.qkv_weight),
+        "rmsnorm": lambda: flashinfer.rmsnorm(x, layer.input_norm, 1e-5),
+        "fused_add_rmsnorm": lambda: flashinfer.fused_add_rmsnorm(x, res, layer.input_norm, 1e-5),
+        "rope_inplace": lambda: flashinfer.apply_rope_with_cos_sin_cache_inplace(
+            pos, qkv[:, : layer.q_size], qkv[:, layer.q_size : layer.q_size + layer.kv_size], 128, cos_sin
+        ),
+        "silu_and_mul": lambda: flashinfer.silu_and_mul(gate_up),
+        "attention_forward": lambda: runner.attn.forward(0, q, k, k, runner.pool[0]),
+        "attention_begin": lambda: runner.attn.begin(batch),
+        "build_forward_batch": lambda: build_forward_batch(
+            [SeqChunk(list(range(q_len)), 10_000, pages)], PAGE, "cuda"
+        ),
+    }
+    runner.attn.begin(batch)
+    return {name: host_issue_ms(fn, reps=50) * 1e3 for name, fn in ops.items()}
+
+
 def model_figures(matmul_ceiling_tflops: float, copy_ceiling_tbps: float) -> dict[str, Any]:
     """Both forward paths on one model: `model` (LlamaCudaForward, fused kernels) and `torch_path`
     (LlamaModel.forward as wired, the torch ops)."""
@@ -146,6 +180,7 @@ def path_figures(
     runner.forward(tokens[:10_000], 0)  # the prefix's K/V in its pages, as a cache hit finds them
     cached_ms = runner.time_forward(tokens[10_000:], 10_000, reps=20)
     cached_issue_ms = host_issue_ms(lambda: runner.forward(tokens[10_000:], 10_000))
+    host_costs = host_costs_us(spec, runner)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
         spec.vocab_size * spec.hidden_size * 2  # the embedding table is gathered, not read whole
     )
@@ -167,6 +202,7 @@ def path_figures(
         "cached_100_over_10000_ms": cached_ms,
         "cached_host_issue_ms": cached_issue_ms,
         "cached_speedup": cold10k_ms / cached_ms,
+        "host_us_per_call": host_costs,
         "target_cached_speedup": 40.0,
         "weight_read_floor_ms": weight_bytes / (copy_ceiling_tbps * 1e12) * 1e3,
     }

@@ -47,8 +47,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ours(model_dir: Path):
+@pytest.fixture(scope="module", params=["model.forward", "fused"])
+def ours(request: pytest.FixtureRequest, model_dir: Path):
+    """(forward function, spec, attention): the model's own forward, and the fused CUDA forward."""
+    from computeworker.model.llama_cuda import LlamaCudaForward
     from computeworker.model.loader import load_model
 
     model, spec = load_model(model_dir, dtype=torch.bfloat16, device="cuda", progress=False)
@@ -56,7 +58,8 @@ def ours(model_dir: Path):
         AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE), device="cuda"
     )
     attn.warmup()
-    return model, spec, attn
+    forward = model.forward if request.param == "model.forward" else LlamaCudaForward(model)
+    return forward, spec, attn
 
 
 def new_pool(spec) -> torch.Tensor:
