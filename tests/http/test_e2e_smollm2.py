@@ -16,6 +16,8 @@ import pytest
 from cachemgr.launcher import StackConfig, Supervisor, free_port
 from shared.default_model import default_model_path
 
+pytestmark = pytest.mark.slow  # starts real processes and loads SmolLM2 twice
+
 KEY = "test-key-a"
 # ~500 tokens of system prompt: from the second turn on, the uncached part of a prompt (the new user
 # message, the template's markers, the partial last page) is under 10% of it.
@@ -99,17 +101,18 @@ def test_five_turn_chat_reuses_the_conversation(api: openai.OpenAI) -> None:
 
 def test_cache_salt_isolation(api: openai.OpenAI) -> None:
     model = _model(api)
-    prompt = SYSTEM + " Which rule mentions 7 pm?"
+    prompt = "Bike rental rules: " + " ".join(f"rule {i} says no riding on path {i}." for i in range(6))
 
-    def cached(salt: str) -> int:
+    def usage(salt: str) -> tuple[int, int]:
         r = api.completions.create(
             model=model, prompt=prompt, max_tokens=1, temperature=0, extra_body={"cache_salt": salt}
         )
-        return r.usage.prompt_tokens_details.cached_tokens
+        return r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens
 
-    first, again, other = cached("tenant-a"), cached("tenant-a"), cached("tenant-b")
-    assert (first, other) == (0, 0)
-    assert again > 0.9 * len(prompt.split())
+    (n, first), (_, again), (_, other) = usage("tenant-a"), usage("tenant-a"), usage("tenant-b")
+    # every full page but the one holding the last prompt token (at least one token is computed)
+    assert (first, again, other) == (0, (n - 1) // 16 * 16, 0)
+    assert n > 32
 
 
 def test_error_shapes(stack: Supervisor, api: openai.OpenAI) -> None:
