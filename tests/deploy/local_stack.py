@@ -69,16 +69,31 @@ class Replica:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, grace_s: float) -> int:
-        """SIGTERM, then SIGKILL after `grace_s` (what `docker stop` does). Returns the exit code."""
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+
+    def wait(self, grace_s: float) -> int:
+        """Wait up to `grace_s` for the exit, then SIGKILL. Returns the exit code."""
+        try:
+            return self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def stop(self, grace_s: float) -> int:
+        """SIGTERM, then SIGKILL after `grace_s` (what `docker stop` does). Returns the exit code."""
+        self.terminate()
+        return self.wait(grace_s)
+
+
+def stop_together(replicas: list[Replica], grace_s: float) -> list[int]:
+    """SIGTERM all, then wait for each (SIGKILL after the shared grace period), as `docker compose stop`
+    stops a service's containers in parallel. Returns the exit codes in order."""
+    for replica in replicas:
+        replica.terminate()
+    deadline = time.monotonic() + grace_s
+    return [r.wait(max(0.0, deadline - time.monotonic())) for r in replicas]
 
 
 def spawn(name: str, command: list[str], env: Mapping[str, str], log_dir: Path) -> Replica:

@@ -27,6 +27,7 @@ from tests.deploy.local_stack import (
     map_paths,
     mapped_files,
     spawn,
+    stop_together,
     wait_for,
 )
 
@@ -183,7 +184,7 @@ def test_cpu_profile_scales_workers_while_serving(
         # --scale worker-cpu=1: compose stops the highest-numbered replicas (SIGTERM, grace period).
         traffic.phase = "scaling down"
         grace = float(services[WORKER]["stop_grace_period"].rstrip("s"))
-        assert [w.stop(grace) for w in workers[:0:-1]] == [0, 0]
+        assert stop_together(workers[1:], grace) == [0, 0]
         wait_for("daemon sees 1 worker", lambda: registered() == 1, 30)
         traffic.phase = "1 worker"
         wait_for("requests on 1 worker", lambda: traffic.reached("1 worker", 4), 60)
@@ -215,7 +216,7 @@ def test_cpu_profile_scales_workers_while_serving(
     assert _admin(["check", "--json"], admin_env)["healthy"] is True
 
     # down: workers first, then the daemon; everything it owned is gone.
-    assert [w.stop(grace) for w in workers] == [0, 0, 0]
+    assert stop_together(workers, grace) == [0, 0, 0]
     assert daemon.stop(30) == 0
     assert not Path(pool_path).exists()
     assert not (run_dir / "admin.sock").exists()
