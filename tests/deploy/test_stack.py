@@ -100,14 +100,10 @@ class Traffic:
 
 
 @pytest.fixture(scope="module")
-def model_cache_dir() -> Path:
-    """The directory the CPU image bakes the embedded model into ($RADIXKV_CACHE_DIR)."""
-    from shared.default_model import default_model_path
-
-    try:
-        return default_model_path().parent.parent
-    except RuntimeError as exc:
-        pytest.skip(f"embedded SmolLM2 model not available: {exc}")
+def model_cache_dir(smollm2_gguf: Path) -> Path:
+    """The directory the CPU image bakes the embedded model into ($RADIXKV_CACHE_DIR): the one holding
+    models/<gguf>, where shared.default_model looks."""
+    return smollm2_gguf.parent.parent
 
 
 @pytest.fixture
