@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from computeworker.cli import build_parser, config_from_args, main
+from computeworker.config import WorkerConfig
+
+
+def test_flags_and_env_build_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADIXKV_RUN_DIR", "/tmp/rk")
+    monkeypatch.setenv("RADIXKV_MAX_RUNNING", "5")
+    monkeypatch.setenv("RADIXKV_MODEL", "/models/x")
+    args = build_parser().parse_args(["--prefill-chunk", "64", "--device", "cuda:1"])
+    config = config_from_args(args)
+    assert config == WorkerConfig(
+        daemon_endpoint="ipc:///tmp/rk/workers.sock",
+        model_path=Path("/models/x"),
+        device="cuda:1",
+        max_running=5,
+        prefill_chunk=64,
+    )
+    assert config.resolved_dtype == "bfloat16"
+    monkeypatch.setenv("RADIXKV_DAEMON_ENDPOINT", "tcp://10.0.0.2:5555")
+    config = config_from_args(build_parser().parse_args(["--dtype", "float16"]))
+    assert (config.daemon_endpoint, config.device, config.resolved_dtype) == (
+        "tcp://10.0.0.2:5555",
+        "cpu",
+        "float16",
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "gpu"], "device must be"),
+        (["--daemon", "http://x"], "endpoint must be"),
+        (["--max-running", "0"], "max_running"),
+        (["--dtype", "int8"], "dtype must be"),
+    ],
+)
+def test_bad_values_exit_2_with_a_message(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(flags) == 2
+    assert message in capsys.readouterr().err
