@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -71,7 +70,7 @@ class DaemonLink:
         data = await self._sock.recv()
         try:
             return self._codec.decode_from_daemon(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except ValueError as exc:  # msgspec's errors and UnicodeDecodeError (bad UTF-8 in a key)
             log.error("dropping a malformed frame from the daemon: %s", exc)
             return None
 
