@@ -1,4 +1,8 @@
-"""Turn a WorkerConfig into a ready WorkerRuntime: torch threads, model, tokenizer, attention backend."""
+"""Turn a WorkerConfig into a ready WorkerRuntime: torch threads, model, tokenizer, attention backend.
+
+On CUDA the model is wrapped in a CudaModelRunner (fused forward, decode CUDA graphs, kernels warmed
+when the pool is mapped) and the engine fences commits with CUDA events (computeworker.engine.fences).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 import torch
 
 from computeworker.config import WorkerConfig
+from computeworker.engine.fences import StepStats
 from computeworker.model.batch import AttentionBackend
 from computeworker.runtime import ModelInfo, WorkerRuntime
 
@@ -31,7 +36,12 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
     path = config.model_path or default_model_path()
     dtype = _DTYPES[config.resolved_dtype]
     device = torch.device(config.device)
-    model, spec = load_model(path, dtype, device, progress=True)
+    if config.random_weights:
+        from computeworker.model.random_weights import random_model
+
+        model, spec = random_model(path, dtype, device, seed=config.seed)
+    else:
+        model, spec = load_model(path, dtype, device, progress=True)
     tokenizer = load_tokenizer(path)
     eos = tuple(sorted(set(spec.eos_token_ids) | set(tokenizer.eos_token_ids)))
     info = ModelInfo(
@@ -43,8 +53,46 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         eos_token_ids=eos,
         dtype=config.resolved_dtype,
     )
-    log.info("loaded %s on %s (%s)", spec.name, device, config.resolved_dtype)
-    return WorkerRuntime(config, model, attention_factory(spec, device, dtype), tokenizer, info)
+    log.info(
+        "loaded %s on %s (%s%s)",
+        spec.name,
+        device,
+        config.resolved_dtype,
+        f", random weights seed {config.seed}" if config.random_weights else "",
+    )
+    on_step = _log_step if config.log_steps else None
+    make_attention = attention_factory(spec, device, dtype)
+    if device.type != "cuda":
+        return WorkerRuntime(config, model, make_attention, tokenizer, info, on_step=on_step)
+    from computeworker.engine.fences import cuda_fence_factory
+    from computeworker.model.cuda_runner import CudaModelRunner
+
+    runner = CudaModelRunner(
+        model,
+        cuda_graphs=config.cuda_graphs,
+        max_graph_batch=config.max_graph_batch or config.max_running,
+    )
+    return WorkerRuntime(
+        config,
+        runner,
+        make_attention,
+        tokenizer,
+        info,
+        on_pool=runner.bind,
+        make_fence=cuda_fence_factory(device),
+        on_step=on_step,
+    )
+
+
+def _log_step(stats: StepStats) -> None:
+    log.info(
+        "step seqs=%d tokens=%d prefill=%d cached=%d ms=%.3f",
+        stats.num_seqs,
+        stats.num_tokens,
+        stats.num_prefill_tokens,
+        stats.num_cached_tokens,
+        stats.seconds * 1e3,
+    )
 
 
 def attention_factory(

@@ -27,6 +27,13 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"RADIXKV_{name}", default)
 
 
+def _flag(name: str, default: bool = False) -> bool:
+    value = _env(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="computeworker", description="radixkv compute worker")
     p.add_argument(
@@ -63,6 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("WORKER_NAME", ""),
         help="shown in `cachemgr admin workers` [RADIXKV_WORKER_NAME]",
     )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        default=_flag("RANDOM_WEIGHTS"),
+        help="seeded random weights in the shape of --model's config.json [RADIXKV_RANDOM_WEIGHTS]",
+    )
+    p.add_argument(
+        "--seed", type=int, default=int(_env("SEED", "0") or 0), help="random-weights seed [RADIXKV_SEED]"
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=_flag("CUDA_GRAPHS", True),
+        help="decode through CUDA graphs on CUDA devices (default on) [RADIXKV_CUDA_GRAPHS]",
+    )
+    p.add_argument(
+        "--max-graph-batch",
+        type=int,
+        default=int(_env("MAX_GRAPH_BATCH", "0") or 0),
+        help="largest decode batch captured in a graph, 0 = --max-running [RADIXKV_MAX_GRAPH_BATCH]",
+    )
+    p.add_argument(
+        "--log-steps",
+        action="store_true",
+        default=_flag("LOG_STEPS"),
+        help="log each forward step's size and time [RADIXKV_LOG_STEPS]",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[RADIXKV_LOG_LEVEL]")
     return p
 
@@ -78,6 +112,11 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         prefill_chunk=args.prefill_chunk,
         threads=args.threads,
         name=args.name,
+        random_weights=args.random_weights,
+        seed=args.seed,
+        cuda_graphs=args.cuda_graphs,
+        max_graph_batch=args.max_graph_batch,
+        log_steps=args.log_steps,
     )
 
 

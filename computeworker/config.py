@@ -32,6 +32,11 @@ class WorkerConfig:
     reconnect_max_s: float = 2.0
     stream_max_tokens: int = 4
     stream_interval_s: float = 0.02
+    random_weights: bool = False  # seeded random weights of the model dir's shape (benchmarks, tests)
+    seed: int = 0  # random-weights seed: workers with the same seed hold identical weights
+    cuda_graphs: bool = True  # decode through CUDA graphs (CUDA only)
+    max_graph_batch: int = 0  # largest captured decode batch; 0 = max_running
+    log_steps: bool = False  # log every forward step's size and time (INFO)
 
     def __post_init__(self) -> None:
         if not self.daemon_endpoint.startswith(("ipc://", "tcp://", "inproc://")):
@@ -45,6 +50,10 @@ class WorkerConfig:
         for name in ("max_running", "prefill_chunk", "stream_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.random_weights and self.model_path is None:
+            raise ValueError("--random-weights needs --model: a directory with the config.json to follow")
+        if self.max_graph_batch < 0:
+            raise ValueError("max_graph_batch must be >= 0")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s or self.welcome_timeout_s <= 0:

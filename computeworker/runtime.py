@@ -21,11 +21,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import zmq.asyncio
 
 from computeworker.client import DaemonLink
 from computeworker.config import WorkerConfig
 from computeworker.engine.engine import Engine, EngineConfig, PagedModel
+from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.stop import DetokenizerSource
 from computeworker.model.batch import AttentionBackend
 from shared.pool import MappedPool, map_pool
@@ -80,7 +82,13 @@ class WorkerRuntime:
         info: ModelInfo,
         *,
         pool_mapper: Callable[[PoolDescriptor], MappedPool] = map_pool,
+        on_pool: Callable[[torch.Tensor, AttentionBackend], object] | None = None,
+        make_fence: Callable[[], Fence] | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
+        """on_pool(pool tensor, attention): called on the compute thread after each new pool mapping or
+        attention backend, before the session serves (CUDA: warm kernels, capture graphs).
+        make_fence / on_step: handed to every Engine (see computeworker.engine.fences)."""
         self._config = config
         self._model = model
         self._make_attention = make_attention  # page_size -> backend (FlashInfer plans need it)
@@ -88,6 +96,9 @@ class WorkerRuntime:
         self._tokenizer = tokenizer
         self._info = info
         self._map_pool = pool_mapper
+        self._on_pool = on_pool
+        self._make_fence = make_fence
+        self._on_step = on_step
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self._inflight: concurrent.futures.Future[int] | None = None
         self._pool: MappedPool | None = None
@@ -147,7 +158,13 @@ class WorkerRuntime:
 
     async def _serve(self, link: DaemonLink, welcome: Welcome) -> None:
         self.num_sessions += 1
-        engine = self._make_engine(welcome)
+        # Mapping the pool and warming kernels can outlast the heartbeat timeout: keep beating meanwhile.
+        beating = asyncio.ensure_future(self._heartbeat(link, None, welcome.heartbeat_interval_s))
+        try:
+            engine = await self._make_engine(welcome)
+        finally:
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
         inbox: list[DaemonToWorker] = []
         wakeup = asyncio.Event()
         tasks = [
@@ -175,7 +192,7 @@ class WorkerRuntime:
         if self._stop.is_set() and not self._shutdown_by_daemon and not link.disconnected.is_set():
             await link.send(Goodbye("worker stopping"))
 
-    def _make_engine(self, welcome: Welcome) -> Engine:
+    async def _make_engine(self, welcome: Welcome) -> Engine:
         desc = welcome.pool
         info = self._info
         if (desc.num_layers, desc.num_kv_heads, desc.head_dim) != (
@@ -191,14 +208,21 @@ class WorkerRuntime:
             raise RuntimeError(
                 f"pool dtype {desc.dtype} differs from the worker's {info.dtype}: pass --dtype {desc.dtype}"
             )
+        bound = True
         if self._attention is None or self._attention[0] != desc.page_size:
             self._attention = (desc.page_size, self._make_attention(desc.page_size))
+            bound = False
         if desc != self._pool_desc:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
             self._pool = self._map_pool(desc)
             self._pool_desc = desc
+            bound = False
+        if not bound and self._on_pool is not None:
+            # Warm-up takes seconds: run it where steps run, so heartbeats keep flowing meanwhile.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._on_pool, self._pool.tensor, self._attention[1])
         config = EngineConfig(
             page_size=desc.page_size,
             context_len=info.context_len,
@@ -210,7 +234,14 @@ class WorkerRuntime:
             stream_interval_s=self._config.stream_interval_s,
         )
         return Engine(
-            self._model, self._attention[1], self._pool.tensor, self._tokenizer, config, rng=random.Random()
+            self._model,
+            self._attention[1],
+            self._pool.tensor,
+            self._tokenizer,
+            config,
+            rng=random.Random(),
+            make_fence=self._make_fence,
+            on_step=self._on_step,
         )
 
     async def _read(self, link: DaemonLink, inbox: list[DaemonToWorker], wakeup: asyncio.Event) -> None:
@@ -236,9 +267,12 @@ class WorkerRuntime:
             inbox.append(msg)
             wakeup.set()
 
-    async def _heartbeat(self, link: DaemonLink, engine: Engine, interval_s: float) -> None:
+    async def _heartbeat(self, link: DaemonLink, engine: Engine | None, interval_s: float) -> None:
         while True:
-            await link.send(Heartbeat(engine.num_running, engine.num_waiting, engine.kv_tokens_in_use))
+            if engine is None:  # still starting: nothing running
+                await link.send(Heartbeat(0, 0, 0))
+            else:
+                await link.send(Heartbeat(engine.num_running, engine.num_waiting, engine.kv_tokens_in_use))
             await asyncio.sleep(interval_s)
 
     async def _drive(
@@ -261,6 +295,10 @@ class WorkerRuntime:
                     engine.fail_all()
                 for out in engine.take_messages():
                     await link.send(out)
+            elif (fence := engine.pending_fence()) is not None:
+                # Commits wait for the kernels that wrote their pages; wait off the loop and the
+                # compute thread.
+                await asyncio.get_running_loop().run_in_executor(None, fence.synchronize)
             elif not inbox:
                 wakeup.clear()
                 await wakeup.wait()

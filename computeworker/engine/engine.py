@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.request import Phase, Request
 from computeworker.engine.sampling import RowSampling, make_generator, sample_batch
 from computeworker.engine.scheduler import build_batch, plan_step
@@ -84,7 +85,12 @@ class Engine:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        make_fence: Callable[[], Fence] | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
+        """make_fence: records a fence after each forward pass (CUDA: an event); Commit and Finished
+        wait in the outbox until it completes (see computeworker.engine.fences). on_step: called with
+        each step's StepStats on the compute thread."""
         if pool.dim() != 6 or pool.shape[3] != config.page_size:
             raise ValueError(f"pool shape {tuple(pool.shape)} does not match page_size {config.page_size}")
         self._model = model
@@ -96,7 +102,10 @@ class Engine:
         self._rng = rng or random.Random()
         self._running: dict[bytes, Request] = {}
         self._waiting: deque[Request] = deque()
-        self._outbox: list[WorkerToDaemon] = []
+        self._outbox: list[tuple[WorkerToDaemon, Fence | None]] = []
+        self._make_fence = make_fence
+        self._on_step = on_step
+        self._last_fence: Fence | None = None  # recorded after the latest forward pass
 
     # ------------------------------------------------------------------ counters (any thread may read)
 
@@ -196,8 +205,20 @@ class Engine:
             self._service(req)
 
     def take_messages(self) -> list[WorkerToDaemon]:
-        out, self._outbox = self._outbox, []
+        """The messages to send now, in order: the outbox up to the first one whose fence has not
+        completed (that one and the rest stay; see `pending_fence`)."""
+        num_ready = 0
+        for _, fence in self._outbox:
+            if fence is not None and not fence.query():
+                break
+            num_ready += 1
+        out = [msg for msg, _ in self._outbox[:num_ready]]
+        del self._outbox[:num_ready]
         return out
+
+    def pending_fence(self) -> Fence | None:
+        """The fence holding back the outbox, or None if take_messages would empty it."""
+        return next((f for _, f in self._outbox if f is not None and not f.query()), None)
 
     # ------------------------------------------------------------------ compute
 
@@ -214,8 +235,11 @@ class Engine:
                 private = req.page_table[req.num_computed // self.config.page_size]
                 self._pool[:, private].copy_(self._pool[:, req.cow_source])
                 req.cow_source = None
+        start = time.perf_counter()
         batch = build_batch(entries, self.config.page_size, self._pool.device)
         logits = self._model.forward(batch, self._pool, self._attention)
+        if self._make_fence is not None:
+            self._last_fence = self._make_fence()
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
         tokens = sample_batch(
             logits[sampling_rows],
@@ -226,6 +250,16 @@ class Engine:
             entry.request.num_computed += entry.num_tokens
             if i in sampled:
                 self._accept_token(entry.request, sampled[i])
+        if self._on_step is not None:
+            self._on_step(
+                StepStats(
+                    num_seqs=len(entries),
+                    num_tokens=batch.num_tokens,
+                    num_prefill_tokens=sum(e.num_tokens for e in entries if e.request.is_prefilling),
+                    num_cached_tokens=sum(kv - q for q, kv in zip(batch.q_lens, batch.kv_lens, strict=True)),
+                    seconds=time.perf_counter() - start,
+                )
+            )
         for req in list(self._running.values()):
             self._service(req)
         return batch.num_tokens
@@ -304,7 +338,8 @@ class Engine:
             commit = req.prompt_commit()
             if commit is not None:
                 tokens, pages = commit
-                self._outbox.append(Commit(req.request_id, ids_to_bytes(tokens), ids_to_bytes(pages)))
+                msg = Commit(req.request_id, ids_to_bytes(tokens), ids_to_bytes(pages))
+                self._outbox.append((msg, self._last_fence))
                 req.phase = Phase.AWAIT_COMMIT
                 req.num_committed_pages = len(pages)
 
@@ -319,7 +354,7 @@ class Engine:
             or now - req.last_flush_s >= self.config.stream_interval_s
         ):
             out = req.output[req.num_emitted :]
-            self._outbox.append(Generated(req.request_id, ids_to_bytes(out)))
+            self._outbox.append((Generated(req.request_id, ids_to_bytes(out)), None))
             req.num_emitted = req.num_output
             req.last_flush_s = now
 
@@ -333,15 +368,10 @@ class Engine:
                 return  # Finished must name the pages the CommitAck settles
             self._flush(req, force=True)
             tokens, pages = req.final_commit() if req.finish_reason is not FinishReason.ABORT else ([], [])
-            self._outbox.append(
-                Finished(
-                    req.request_id,
-                    req.finish_reason,
-                    ids_to_bytes(tokens),
-                    ids_to_bytes(pages),
-                    req.stop_text,
-                )
+            finished = Finished(
+                req.request_id, req.finish_reason, ids_to_bytes(tokens), ids_to_bytes(pages), req.stop_text
             )
+            self._outbox.append((finished, self._last_fence if pages else None))
             self._running.pop(req.request_id, None)
             self._admit()
             return
@@ -352,5 +382,5 @@ class Engine:
         needed = req.pages_still_needed()
         if shortfall > 0 and needed > 0:
             num_pages = min(needed, max(self.config.decode_page_chunk, -(-shortfall // ps)))
-            self._outbox.append(PageRequest(req.request_id, num_pages))
+            self._outbox.append((PageRequest(req.request_id, num_pages), None))
             req.pages_requested = True

@@ -125,6 +125,12 @@ class FlashInferAttention:
         self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._v_rows = torch.empty(0, dtype=torch.int64, device=self.device)
 
+    @property
+    def workspace(self) -> torch.Tensor:
+        """The float workspace, shared with other wrappers that never run concurrently with these
+        (the CUDA-graph decode wrappers: one stream, one forward at a time)."""
+        return self._workspace
+
     # ------------------------------------------------------------------ AttentionBackend
 
     def begin(self, batch: ForwardBatch) -> None:

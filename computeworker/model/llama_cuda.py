@@ -50,6 +50,11 @@ class LlamaCudaForward:
         self._rope_source: object | None = None
         self._cos_sin = torch.empty(0, model.spec.head_dim, dtype=torch.float32, device=model.device)
 
+    def reserve_positions(self, num_positions: int) -> None:
+        """Build the cos/sin table for positions [0, num_positions) now. A CUDA graph captured after
+        this keeps pointing at the same table: it is never reallocated for positions below that."""
+        self._cos_sin_table(num_positions)
+
     def _cos_sin_table(self, max_position: int) -> torch.Tensor:
         """[n, head_dim] float32: cos of each frequency in the first half, sin in the second."""
         rope = self.model.rope

@@ -1,0 +1,225 @@
+"""Decode steps replayed from CUDA graphs: one graph per padded batch size, captured once per pool.
+
+A decode step of the 8B model is ~400 kernel launches; issued one by one from Python they cost more host
+time than the GPU needs to run them. A graph replays them with one launch. What a graph bakes in, and
+therefore what must stay put between capture and replay:
+
+    static inputs   input_ids [bs], positions [bs], K/V write rows [bs]          (copied in per step)
+    attention       a FlashInfer decode wrapper in CUDA-graph mode with fixed indptr / indices /
+                    last-page-len buffers; plan() runs on the host before each replay and rewrites them
+    the pool        pool[layer] addresses: a new pool mapping needs a new capture
+    output          logits [bs, vocab] float32, overwritten by the next replay
+
+A batch of n < bs sequences is padded with bs - n dummy sequences: token 0 at position 0, attending one
+page (the first page of sequence 0; reading it is harmless). Their K/V writes are aimed at sequence 0's
+write row and sequence 0's own K/V is written again right after, so the pool ends up exactly as an
+eager step leaves it and no page outside the batch's own write slots is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention, host_page_table
+from computeworker.model.batch import ForwardBatch
+
+log = logging.getLogger(__name__)
+
+# forward(batch, kv_pool, attention, all_logits) -> logits; the fused CUDA forward in practice.
+ForwardFn = Callable[[ForwardBatch, torch.Tensor, object, bool], torch.Tensor]
+
+
+def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """Padded batch sizes to capture: 1, 2, 4, 8, then steps of 8 to 32, steps of 16 to 128, steps of 32
+    beyond, and max_batch itself. Raises ValueError for max_batch < 1."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = {1, 2, 4, 8, *range(16, 33, 8), *range(48, 129, 16), *range(160, max_batch + 1, 32), max_batch}
+    return tuple(sorted(s for s in sizes if s <= max_batch))
+
+
+@dataclass(slots=True)
+class _Slot:
+    """Everything one captured batch size owns."""
+
+    batch_size: int
+    wrapper: object  # flashinfer.BatchDecodeWithPagedKVCacheWrapper (CUDA-graph mode)
+    batch: ForwardBatch  # static inputs the graph reads
+    k_rows: torch.Tensor  # [bs] int64 rows of kv_layer.view(-1, heads, dim) receiving K
+    v_rows: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+
+
+class _GraphAttention:
+    """The attention backend inside a graph: planning happens outside (DecodeGraphs.run), so begin() does
+    nothing; forward writes K/V at the static rows, restores sequence 0's row, then runs the wrapper."""
+
+    def __init__(self, slot: _Slot, shape: AttentionShape) -> None:
+        self._slot = slot
+        self._shape = shape
+
+    def begin(self, batch: ForwardBatch) -> None:
+        return None
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor
+    ) -> torch.Tensor:
+        s, slot = self._shape, self._slot
+        rows = kv_layer.view(-1, s.num_kv_heads, s.head_dim)
+        k = k.reshape(-1, s.num_kv_heads, s.head_dim)
+        v = v.reshape(-1, s.num_kv_heads, s.head_dim)
+        rows.index_copy_(0, slot.k_rows, k)
+        rows.index_copy_(0, slot.v_rows, v)
+        # Padding rows aimed at sequence 0's row: write sequence 0 again, last, so it wins.
+        rows.index_copy_(0, slot.k_rows[:1], k[:1])
+        rows.index_copy_(0, slot.v_rows[:1], v[:1])
+        q = q.reshape(-1, s.num_qo_heads, s.head_dim)
+        return slot.wrapper.run(q if q.is_contiguous() else q.contiguous(), kv_layer)  # type: ignore[attr-defined]
+
+
+class DecodeGraphs:
+    """CUDA graphs of `forward` for decode batches of up to max(batch_sizes) sequences over one pool.
+
+    State: one captured graph per batch size (after `capture`). Must hold: `pool` stays mapped while this
+    object is used; `run` only for batches `can_run` accepts; the logits `run` returns are valid until the
+    next `run`. Not thread-safe (one compute thread)."""
+
+    def __init__(
+        self,
+        forward: ForwardFn,
+        attention: FlashInferAttention,
+        pool: torch.Tensor,
+        *,
+        batch_sizes: tuple[int, ...],
+        max_pages_per_seq: int,
+    ) -> None:
+        import flashinfer
+
+        if not batch_sizes or min(batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be positive, got {batch_sizes}")
+        if max_pages_per_seq < 1:
+            raise ValueError("max_pages_per_seq must be >= 1")
+        self._forward = forward
+        self._attention = attention
+        self.pool = pool
+        self.shape = attention.shape
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        self.max_pages_per_seq = max_pages_per_seq
+        self._mempool = torch.cuda.graph_pool_handle()
+        device = attention.device
+        self._slots: dict[int, _Slot] = {}
+        with torch.inference_mode():
+            for bs in self.batch_sizes:
+                i32 = dict(dtype=torch.int32, device=device)
+                wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    attention.workspace,
+                    "NHD",
+                    use_cuda_graph=True,
+                    use_tensor_cores=attention.decode_tensor_cores,
+                    paged_kv_indptr_buffer=torch.zeros(bs + 1, **i32),
+                    paged_kv_indices_buffer=torch.zeros(bs * max_pages_per_seq, **i32),
+                    paged_kv_last_page_len_buffer=torch.zeros(bs, **i32),
+                )
+                zeros = torch.zeros(bs, dtype=torch.int64, device=device)
+                batch = ForwardBatch(
+                    input_ids=zeros.clone(),
+                    positions=zeros.clone(),
+                    qo_indptr=torch.arange(bs + 1, **i32),
+                    kv_indptr=torch.arange(bs + 1, **i32),
+                    kv_page_ids=torch.zeros(bs, **i32),
+                    kv_last_page_len=torch.ones(bs, **i32),
+                    write_page_ids=zeros.clone(),
+                    write_slots=zeros.clone(),
+                    q_lens=(1,) * bs,
+                    kv_lens=(1,) * bs,
+                )
+                self._slots[bs] = _Slot(bs, wrapper, batch, zeros.clone(), zeros.clone())
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        """A decode batch small enough, whose sequences fit the page buffers."""
+        if not batch.is_decode or batch.num_seqs > self.max_batch_size:
+            return False
+        ps = self.shape.page_size
+        return max(-(-n // ps) for n in batch.kv_lens) <= self.max_pages_per_seq
+
+    @torch.inference_mode()
+    def capture(self, scratch_pool: torch.Tensor) -> float:
+        """Warm up each batch size eagerly on `scratch_pool` (same layout as the pool, any page count),
+        then capture it against the real pool. Capturing launches nothing, so the real pool is not
+        touched. Returns seconds taken."""
+        if scratch_pool.shape[0] != self.pool.shape[0] or scratch_pool.shape[2:] != self.pool.shape[2:]:
+            raise ValueError("scratch pool layout differs from the pool's")
+        start = time.perf_counter()
+        side = torch.cuda.Stream(self._attention.device)
+        for bs in sorted(self.batch_sizes, reverse=True):  # largest first: the others reuse its memory
+            slot = self._slots[bs]
+            attn = _GraphAttention(slot, self.shape)
+            self._plan(slot, (1,) * bs, slot.batch.kv_page_ids)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._forward(slot.batch, scratch_pool, attn, False)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool, stream=side):
+                slot.logits = self._forward(slot.batch, self.pool, attn, False)
+            slot.graph = graph
+        torch.cuda.synchronize(self._attention.device)
+        seconds = time.perf_counter() - start
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.batch_sizes, seconds)
+        return seconds
+
+    @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Replay the graph of the smallest batch size >= batch.num_seqs. Returns [num_seqs, vocab]
+        float32 logits (a view of the graph's output). Raises ValueError if `can_run` is False or the
+        graphs were not captured."""
+        if not self.can_run(batch):
+            raise ValueError("batch does not fit the captured decode graphs")
+        n = batch.num_seqs
+        bs = next(b for b in self.batch_sizes if b >= n)
+        slot = self._slots[bs]
+        if slot.graph is None or slot.logits is None:
+            raise ValueError("capture() first")
+        pad = bs - n
+        page_ids = batch.kv_page_ids.to(torch.int32)
+        if pad:
+            page_ids = torch.cat((page_ids, page_ids[:1].expand(pad)))
+        self._plan(slot, batch.kv_lens + (1,) * pad, page_ids)
+        static = slot.batch
+        static.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        static.positions[:n].copy_(batch.positions, non_blocking=True)
+        ps = self.shape.page_size
+        torch.add(batch.write_slots, batch.write_page_ids, alpha=2 * ps, out=slot.k_rows[:n])
+        if pad:
+            static.input_ids[n:].zero_()
+            static.positions[n:].zero_()
+            slot.k_rows[n:].copy_(slot.k_rows[:1].expand(pad))
+        torch.add(slot.k_rows, ps, out=slot.v_rows)
+        slot.graph.replay()
+        return slot.logits[:n]
+
+    def _plan(self, slot: _Slot, kv_lens: tuple[int, ...], page_ids: torch.Tensor) -> None:
+        s, a = self.shape, self._attention
+        indptr, last_page_len = host_page_table(kv_lens, s.page_size)
+        slot.wrapper.plan(  # type: ignore[attr-defined]
+            indptr,
+            page_ids,
+            last_page_len,
+            s.num_qo_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            s.page_size,
+            q_data_type=a.dtype,
+            kv_data_type=a.dtype,
+            sm_scale=a.sm_scale,
+        )
