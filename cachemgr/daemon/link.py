@@ -1,20 +1,29 @@
-"""The daemon's end of the worker channel: one ROUTER socket, one reader task, typed decoding.
+"""The daemon's end of the worker channel: one ROUTER socket read straight from the event loop.
 
 Every inbound frame is size-checked and decoded with the typed decoder before anything else sees it;
 undecodable input is answered with ErrorReply(MALFORMED / TOO_LARGE) and never reaches the handlers.
 A handler that raises is logged and answered with ErrorReply(INTERNAL): no message stops the reader.
+
+Why no zmq.asyncio here: a Future and a task wake-up per frame cost more than the daemon's whole
+handling of a 4096-token commit. The socket is a plain one; the loop watches its ZMQ_FD and the reader
+drains with NOBLOCK. ZMQ_FD is edge-like: it signals "commands pending", and *any* operation on the
+socket (recv, send, reading EVENTS) may consume that signal. Hence two rules:
+
+- a drain reads until EAGAIN (or, after _DRAIN_BATCH messages, schedules itself again rather than
+  wait for a signal that may never come), and
+- a send made outside a drain (dispatch, a late PagesGranted, shutdown) re-checks EVENTS and schedules a
+  drain if a message became readable meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from shared.protocol import MAX_FRAME_BYTES, Codec, DaemonToWorker, ErrorCode, ErrorReply, WorkerToDaemon
 
@@ -23,77 +32,117 @@ logger = logging.getLogger(__name__)
 # libzmq drops (and disconnects) anything past this without reading it into memory; frames between
 # MAX_FRAME_BYTES and this hard cap get a TOO_LARGE reply so a buggy worker learns why.
 HARD_MAX_BYTES = MAX_FRAME_BYTES + (1 << 20)
-_DRAIN_BATCH = 256  # frames read per wake-up before yielding to the loop
+_DRAIN_BATCH = 256  # messages handled per wake-up before other loop callbacks get a turn
+
+# Plain ints: pyzmq's flag enums cost an enum.__or__ per combination on every call.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 Handler = Callable[[bytes, WorkerToDaemon], None]
 
 
 class WorkerLink:
-    """Owns the ROUTER socket. ``send`` never blocks: ROUTER drops frames for unknown or gone peers."""
+    """Owns the ROUTER socket. ``send`` never blocks: ROUTER drops frames for unknown or gone peers.
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, handler: Handler) -> None:
+    Loop thread only: ``start`` registers the reader with the running loop, ``close`` unregisters it and
+    closes the socket; after ``close`` nothing is read and ``send`` only logs.
+    """
+
+    def __init__(self, context: zmq.Context[Any], endpoint: str, handler: Handler) -> None:
         self._codec = Codec()
+        self._encode = self._codec.encode
+        self._decode = self._codec.decode_from_worker
         self._handler = handler
-        self._socket = context.socket(zmq.ROUTER)
+        # A plain socket even on a zmq.asyncio context: only the libzmq context is shared.
+        self._socket: zmq.Socket[bytes] = zmq.Socket(context, zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 200)  # let Shutdown frames out on close, not forever
         self._socket.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_BYTES)
         self._socket.setsockopt(zmq.RCVHWM, 100_000)
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
         self._socket.bind(endpoint)
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        # A synchronous view of the same socket for non-blocking sends and draining reads without a
-        # Future per frame (same thread as the async socket, so this is safe).
-        self._sync = zmq.Socket.shadow(self._socket.underlying)
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd: int = self._socket.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self._draining = False
+        self._drain_scheduled = False
         self.num_bad_messages = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._read(), name="worker-link-reader")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        loop.add_reader(self._fd, self._drain)
+        # Frames that arrived before the reader existed may have consumed the FD's signal already.
+        self._schedule_drain()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop = None
         self._socket.close()
 
     def send(self, identity: bytes, msg: DaemonToWorker) -> None:
+        data = self._encode(msg)
+        sock = self._socket
         try:
-            self._sync.send_multipart((identity, self._codec.encode(msg)), flags=zmq.NOBLOCK)
+            sock.send(identity, _SNDMORE_NOBLOCK)
+            sock.send(data, _NOBLOCK)
         except zmq.ZMQError as exc:  # Again (peer's queue full) or the socket is closing
             logger.warning("send to worker %s failed: %s", identity.hex(), exc)
+            return
+        if not self._draining and not self._drain_scheduled and sock.getsockopt(_EVENTS) & _POLLIN:
+            self._schedule_drain()
 
     def reply_error(self, identity: bytes, code: ErrorCode, message: str, request_id: bytes = b"") -> None:
         self.num_bad_messages += 1
         logger.warning("worker %s: %s: %s", identity.hex(), code.value, message)
         self.send(identity, ErrorReply(code=code, message=message, request_id=request_id))
 
-    async def _read(self) -> None:
-        sock, sync = self._socket, self._sync
-        while True:
-            frames = await sock.recv_multipart()
-            self._on_frames(frames)
+    def _schedule_drain(self) -> None:
+        if self._loop is not None and not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Handle queued messages until EAGAIN, or _DRAIN_BATCH of them and then come back soon."""
+        self._drain_scheduled = False
+        sock = self._socket
+        if sock.closed:
+            return
+        recv, getsockopt = sock.recv, sock.getsockopt
+        self._draining = True
+        try:
             for _ in range(_DRAIN_BATCH):
                 try:
-                    frames = sync.recv_multipart(flags=zmq.NOBLOCK)
+                    identity = recv(_NOBLOCK)
                 except zmq.Again:
-                    break
-                self._on_frames(frames)
+                    return
+                data = recv(_NOBLOCK)  # ROUTER: the identity frame is always followed by a body frame
+                if getsockopt(_RCVMORE):
+                    self._refuse_multipart(identity)
+                else:
+                    self._on_message(identity, data)
+        finally:
+            self._draining = False
+        self._schedule_drain()  # batch used up: more may be queued behind a signal already consumed
 
-    def _on_frames(self, frames: list[bytes]) -> None:
-        identity = frames[0]
-        if len(frames) != 2:
-            self.reply_error(
-                identity, ErrorCode.MALFORMED, f"expected one frame per message, got {len(frames) - 1}"
-            )
-            return
-        data = frames[1]
+    def _refuse_multipart(self, identity: bytes) -> None:
+        num_body_frames = 1
+        while self._socket.getsockopt(_RCVMORE):
+            self._socket.recv(_NOBLOCK)
+            num_body_frames += 1
+        self.reply_error(
+            identity, ErrorCode.MALFORMED, f"expected one frame per message, got {num_body_frames}"
+        )
+
+    def _on_message(self, identity: bytes, data: bytes) -> None:
         if len(data) > MAX_FRAME_BYTES:
             self.reply_error(identity, ErrorCode.TOO_LARGE, f"frame of {len(data)} bytes > {MAX_FRAME_BYTES}")
             return
         try:
-            msg = self._codec.decode_from_worker(data)
+            msg = self._decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.reply_error(identity, ErrorCode.MALFORMED, f"undecodable message: {exc}")
             return
