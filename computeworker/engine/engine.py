@@ -236,6 +236,7 @@ class Engine:
                 self._pool[:, private].copy_(self._pool[:, req.cow_source])
                 req.cow_source = None
         start = time.perf_counter()
+        num_prefill = sum(e.num_tokens for e in entries if e.request.is_prefilling)
         batch = build_batch(entries, self.config.page_size, self._pool.device)
         logits = self._model.forward(batch, self._pool, self._attention)
         if self._make_fence is not None:
@@ -255,7 +256,7 @@ class Engine:
                 StepStats(
                     num_seqs=len(entries),
                     num_tokens=batch.num_tokens,
-                    num_prefill_tokens=sum(e.num_tokens for e in entries if e.request.is_prefilling),
+                    num_prefill_tokens=num_prefill,
                     num_cached_tokens=sum(kv - q for q, kv in zip(batch.q_lens, batch.kv_lens, strict=True)),
                     seconds=time.perf_counter() - start,
                 )
