@@ -5,10 +5,15 @@ block of ``block_tokens`` tokens; equal leading ids = shared prefix). The traffi
 chat and agent serving sees:
 
 - a few system prompts with Zipf popularity (a handful are very hot), some long (tool definitions);
-- chat sessions arriving as a Poisson process, with heavy-tailed turn counts (most sessions are short,
-  a few very long), so many conversations are abandoned after a turn or two;
-- think time between turns: log-normal (seconds to minutes) for people, short for tool-calling agents;
-- agent sessions: many turns, each adding a small tool result to a growing context.
+- sessions arrive in bursts: a Poisson process whose rate switches between a busy and a quiet level
+  (exponential dwell times), so the cache sees load swings;
+- chat sessions with heavy-tailed turn counts, and a per-turn chance that the user walks away, so many
+  conversations are abandoned after a turn or two; log-normal think time (seconds to minutes, with
+  occasional long pauses);
+- agent sessions: many quick turns, each adding a tool result to a growing context; most results are
+  short, some are long (file contents, search results);
+- one-off requests (API traffic, summarisation, RAG): a shared system prompt plus a long unique body
+  that is never seen again. Their unique suffixes are what pollutes an LRU cache.
 
     python -m bench.traces --out trace.jsonl [--sessions 2000] [--seed 0] [--agent-share 0.3] ...
 """
@@ -31,18 +36,28 @@ class TraceConfig:
     num_system_prompts: int = 40
     zipf_a: float = 1.2  # system prompt popularity
     system_blocks: tuple[int, int] = (2, 16)  # uniform range of system prompt length, blocks
-    arrival_per_s: float = 2.0  # new sessions per second
+    arrival_per_s: float = 2.0  # mean new sessions per second
+    burst_factor: float = 1.0  # busy-period rate / quiet-period rate (1 = plain Poisson)
+    burst_dwell_s: float = 120.0  # mean length of a busy or quiet period
     agent_share: float = 0.3
+    oneoff_share: float = 0.0  # share of sessions that are a single request with a long unique body
+    oneoff_blocks_median: float = 6.0  # log-normal (sigma 0.8) body length of one-off requests
     chat_turns_mean: float = 4.0  # chat turns ~ 1 + lognormal-ish tail around this mean
+    abandon_prob: float = 0.0  # chance, after each chat turn, that the user never comes back
     think_s_median: float = 45.0
     agent_turns_mean: float = 12.0
     agent_think_s_median: float = 4.0
+    tool_long_prob: float = 0.0  # chance that an agent's tool result is long
+    tool_long_blocks_median: float = 8.0  # log-normal (sigma 0.7) length of a long tool result
     user_blocks: tuple[int, int] = (1, 3)
     output_blocks: tuple[int, int] = (0, 2)
 
     def __post_init__(self) -> None:
-        if self.sessions < 1 or self.block_tokens < 1 or not 0.0 <= self.agent_share <= 1.0:
-            raise ValueError("sessions, block_tokens must be positive and agent_share in [0, 1]")
+        shares = (self.agent_share, self.oneoff_share, self.abandon_prob, self.tool_long_prob)
+        if self.sessions < 1 or self.block_tokens < 1 or not all(0.0 <= s <= 1.0 for s in shares):
+            raise ValueError("sessions, block_tokens must be positive and shares/probabilities in [0, 1]")
+        if self.agent_share + self.oneoff_share > 1.0 or self.burst_factor < 1.0:
+            raise ValueError("agent_share + oneoff_share must be <= 1 and burst_factor >= 1")
 
 
 def _turns(rng: np.random.Generator, mean: float) -> int:
@@ -50,6 +65,22 @@ def _turns(rng: np.random.Generator, mean: float) -> int:
     sigma = 1.0
     mu = np.log(max(mean - 1.0, 0.1)) - sigma**2 / 2
     return 1 + int(rng.lognormal(mu, sigma))
+
+
+def _arrivals(rng: np.random.Generator, cfg: TraceConfig) -> list[float]:
+    """Session start times (s): Poisson with a rate that alternates busy / quiet (same mean rate)."""
+    quiet = 2.0 * cfg.arrival_per_s / (1.0 + cfg.burst_factor)
+    rates = (quiet * cfg.burst_factor, quiet)
+    out: list[float] = []
+    t, busy, switch = 0.0, 0, rng.exponential(cfg.burst_dwell_s)
+    while len(out) < cfg.sessions:
+        t += rng.exponential(1.0 / rates[busy])
+        while t > switch:  # memoryless: restart the wait at the switch with the new rate
+            t = switch + rng.exponential(1.0 / rates[1 - busy])
+            busy = 1 - busy
+            switch += rng.exponential(cfg.burst_dwell_s)
+        out.append(t)
+    return out
 
 
 def generate(cfg: TraceConfig) -> list[dict[str, object]]:
@@ -62,18 +93,24 @@ def generate(cfg: TraceConfig) -> list[dict[str, object]]:
     ]
     ranks = np.arange(1, cfg.num_system_prompts + 1, dtype=np.float64)
     popularity = ranks**-cfg.zipf_a / np.sum(ranks**-cfg.zipf_a)
-    events: list[tuple[float, int, list[int], int, int, bool]] = []  # (t_s, session, context, turns left)
-    start = 0.0
-    for session in range(cfg.sessions):
-        start += rng.exponential(1.0 / cfg.arrival_per_s)
-        agent = bool(rng.random() < cfg.agent_share)
+    # (t_s, session, context, turns left, turn, kind) with kind 0 chat, 1 agent, 2 one-off
+    events: list[tuple[float, int, list[int], int, int, int]] = []
+    for session, start in enumerate(_arrivals(rng, cfg)):
+        u = rng.random()
+        kind = 1 if u < cfg.agent_share else 2 if u < cfg.agent_share + cfg.oneoff_share else 0
         system = systems[int(rng.choice(cfg.num_system_prompts, p=popularity))]
-        turns = _turns(rng, cfg.agent_turns_mean if agent else cfg.chat_turns_mean)
-        heapq.heappush(events, (start, session, list(system), turns, 0, agent))
+        turns = 1 if kind == 2 else _turns(rng, cfg.agent_turns_mean if kind == 1 else cfg.chat_turns_mean)
+        heapq.heappush(events, (start, session, list(system), turns, 0, kind))
     out: list[dict[str, object]] = []
     while events:
-        t, session, context, turns_left, turn, agent = heapq.heappop(events)
-        new_blocks = 1 if agent and turn else int(rng.integers(cfg.user_blocks[0], cfg.user_blocks[1] + 1))
+        t, session, context, turns_left, turn, kind = heapq.heappop(events)
+        if kind == 2:
+            new_blocks = 1 + int(rng.lognormal(np.log(cfg.oneoff_blocks_median), 0.8))
+        elif kind == 1 and turn:
+            long = rng.random() < cfg.tool_long_prob
+            new_blocks = 1 + int(rng.lognormal(np.log(cfg.tool_long_blocks_median), 0.7)) if long else 1
+        else:
+            new_blocks = int(rng.integers(cfg.user_blocks[0], cfg.user_blocks[1] + 1))
         prompt = context + [next(next_id) for _ in range(new_blocks)]
         out_blocks = int(rng.integers(cfg.output_blocks[0], cfg.output_blocks[1] + 1))
         tail = int(rng.integers(0, cfg.block_tokens))  # the last block is rarely full
@@ -85,11 +122,12 @@ def generate(cfg: TraceConfig) -> list[dict[str, object]]:
                 "hash_ids": prompt,
             }
         )
-        if turns_left > 1:
-            median = cfg.agent_think_s_median if agent else cfg.think_s_median
+        abandoned = kind == 0 and rng.random() < cfg.abandon_prob
+        if turns_left > 1 and not abandoned:
+            median = cfg.agent_think_s_median if kind == 1 else cfg.think_s_median
             think = float(rng.lognormal(np.log(median), 1.0))
             context = prompt + [next(next_id) for _ in range(out_blocks)]
-            heapq.heappush(events, (t + think, session, context, turns_left - 1, turn + 1, agent))
+            heapq.heappush(events, (t + think, session, context, turns_left - 1, turn + 1, kind))
     out.sort(key=lambda r: r["timestamp"])  # type: ignore[arg-type,return-value]
     return out
 

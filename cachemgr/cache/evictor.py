@@ -41,9 +41,12 @@ class EvictionHeap:
     def pop(self) -> tuple[float, TreeNode] | None:
         """Remove and return the lowest-priority evictable leaf, or None when there is none."""
         heap = self._heap
+        heappop = heapq.heappop
         while heap:
-            priority, seq, node = heapq.heappop(heap)
-            if seq == node.heap_seq and is_evictable(node):
+            priority, seq, node = heappop(heap)
+            # is_evictable, inlined: this loop is the eviction hot path
+            if (seq == node.heap_seq and node.lock_count == 0 and node.pin_count == 0 and not node.children
+                    and node.parent is not None and node.page_ids.size):  # fmt: skip
                 node.heap_seq = -1
                 return priority, node
         return None

@@ -65,6 +65,9 @@ class PrefixCache:
         self.policy = policy if isinstance(policy, EvictionPolicy) else make_policy(policy)
         self._events = events
         self._hasher = PageHasher(page_size) if events is not None else None
+        # A hook the policy leaves at the base class's no-op is skipped on the eviction path.
+        overridden = type(self.policy).on_evict is not EvictionPolicy.on_evict
+        self._evict_hook = self.policy.on_evict if overridden else None
         self._alloc = PageAllocator(num_pages)
         self._roots: dict[Namespace, TreeNode] = {}
         self._leases: dict[int, LeaseState] = {}
@@ -290,12 +293,19 @@ class PrefixCache:
         else:
             head = pids[:k]
             dups = head[head != tree_ids].tolist()
-        mine = dups + pids[k:].tolist()
-        if len(set(mine)) != len(mine) or not state.owned.issuperset(mine):
+        new_ids = pids[k:].tolist()
+        mine = set(new_ids)
+        mine.update(dups)
+        owned = state.owned
+        if len(mine) != len(new_ids) + len(dups) or not mine <= owned:
             raise ValueError("page ids must be owned by this lease (once each) or already back the prefix")
         # -- validated: mutate from here on
+        if len(mine) == len(owned):  # the usual case: the lease hands over everything it owns
+            owned.clear()
+        else:
+            owned -= mine
+        self._leased_pages -= len(mine)
         if dups:
-            self._disown(state, dups)
             self._alloc.give_back(dups)
             result = np.concatenate([tree_ids, pids[k:]])
         else:
@@ -306,7 +316,6 @@ class PrefixCache:
         end = extra[-1] if extra else state.node
         self._clock += 1
         if num > k:
-            self._disown(state, mine[len(dups) :])
             end = self._insert(end, tb[k * self._page_bytes :], result[k:])
         if num > locked:
             node = end
@@ -321,13 +330,10 @@ class PrefixCache:
             state.pending_committed(num)
         return CommitResult(result, num - k, len(dups))
 
-    def _disown(self, state: LeaseState, pages: list[int]) -> None:
-        state.owned.difference_update(pages)
-        self._leased_pages -= len(pages)
-
     def _insert(self, parent: TreeNode, tb: bytes, page_ids: np.ndarray) -> TreeNode:
         """Add a leaf below ``parent`` (whose end is page-aligned with ``tb``'s start); emits blocks_stored."""
-        node = TreeNode(parent.namespace, parent, tb, page_ids, parent.end_pages, tb[: self._page_bytes])
+        depth = parent.depth_pages + len(parent.page_ids)
+        node = TreeNode(parent.namespace, parent, tb, page_ids, depth, tb[: self._page_bytes])
         parent.children[node.key] = node
         node.last_access = self._clock
         self._num_nodes += 1
@@ -394,32 +400,38 @@ class PrefixCache:
         return self._evict(check_count(num_pages, "num_pages"))
 
     def _evict(self, num_pages: int) -> int:
+        heap = self._heap
+        priority_of = self.policy.priority
+        evict_hook = self._evict_hook
         evicted = 0
         while evicted < num_pages:
-            item = self._heap.pop()
+            item = heap.pop()
             if item is None:
                 break
             priority, node = item
-            take = min(node.num_pages, num_pages - evicted)
-            self._trim(node, node.num_pages - take)
-            self.policy.on_evict(node, priority)
-            evicted += take
-            if node.num_pages:
-                self._heap.push(node, self.policy.priority(node))
+            have = len(node.page_ids)
+            keep = have - (num_pages - evicted) if have > num_pages - evicted else 0
+            self._trim(node, keep)
+            if evict_hook is not None:
+                evict_hook(node, priority)
+            evicted += have - keep
+            if keep:
+                heap.push(node, priority_of(node))
             else:
                 parent = node.parent
                 assert parent is not None
                 self._detach(node)
-                if is_evictable(parent):
-                    self._heap.push(parent, self.policy.priority(parent))
+                if not parent.children and parent.lock_count == 0 and parent.pin_count == 0 and parent.parent:
+                    heap.push(parent, priority_of(parent))  # it just became an evictable leaf
         self._evictions += evicted
         return evicted
 
     def _trim(self, node: TreeNode, keep: int) -> None:
         """Drop the node's pages after the first ``keep`` (tail first: a prefix must stay a prefix)."""
-        gone = node.page_ids[keep:].tolist()
-        node.page_ids = node.page_ids[:keep]
-        node.token_bytes = node.token_bytes[: keep * self._page_bytes]
+        page_ids = node.page_ids
+        gone = page_ids[keep:].tolist()
+        node.page_ids = page_ids[:keep]
+        node.token_bytes = node.token_bytes[: keep * self._page_bytes] if keep else b""
         self._alloc.give_back(gone)
         self._cached_pages -= len(gone)
         self._epoch += 1
