@@ -22,7 +22,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import zmq
 
 from shared.protocol import MAX_FRAME_BYTES, Codec, DaemonToWorker, ErrorCode, ErrorReply, WorkerToDaemon
@@ -143,7 +142,7 @@ class WorkerLink:
             return
         try:
             msg = self._decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except ValueError as exc:  # DecodeError, ValidationError, and UnicodeDecodeError for bad keys
             self.reply_error(identity, ErrorCode.MALFORMED, f"undecodable message: {exc}")
             return
         try:
