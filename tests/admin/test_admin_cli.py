@@ -15,7 +15,7 @@ import pytest
 
 from cachemgr.admin.cli import default_socket_path, main
 from cachemgr.admin.server import AdminServer
-from cachemgr.cache import IntegrityError, Namespace
+from cachemgr.cache import DEFAULT_POLICY, IntegrityError, Namespace
 from tests.admin.conftest import MODEL, NUM_PAGES, PAGE_SIZE, TOKEN, FakeDaemon, cache_prompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +61,7 @@ async def test_stats(server: AdminServer, daemon: FakeDaemon, capsys: pytest.Cap
             "evictions": 0,
             "num_leases": 0,
             "num_nodes": 4,
-            "policy": "lru",
+            "policy": DEFAULT_POLICY,
         },
         "daemon": {"workers": 2, "queue_depth": 3, "running": 1, "requests_total": 7},
     }
