@@ -191,6 +191,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"cachemgr serve: error: {exc}")
         return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # One line per HTTP request (health probes every few seconds included) drowns the daemon's own log;
+        # --log-level debug brings it back.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         import uvloop
 

@@ -8,6 +8,7 @@ or a GGUF file (its metadata; the tensor index is read to detect q/k/v biases, t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,16 @@ def _rope_scaling(src: Mapping[str, Any]) -> RopeScaling | None:
     raise ValueError(f"unsupported rope scaling {kind!r} (supported: linear, llama3)")
 
 
+_QUANT_SUFFIX = re.compile(r"[._-](?:I?Q\d\w*|[BF]F?16|F32)$", re.IGNORECASE)
+
+
+def gguf_model_name(path: Path) -> str:
+    """The served model id of a GGUF file: its file name without the quantization tag
+    ("SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"). The metadata's general.name is often a
+    training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2"), which clients would have to copy verbatim."""
+    return _QUANT_SUFFIX.sub("", path.name.removesuffix(".gguf")) or path.stem
+
+
 def _spec_from_gguf(path: Path) -> ModelSpec:
     from shared.gguf_file import GGUFFile
 
@@ -173,7 +184,7 @@ def _spec_from_gguf(path: Path) -> ModelSpec:
     eot = meta.get("tokenizer.ggml.eot_token_id", None)
     bos = meta.get("tokenizer.ggml.bos_token_id", None)
     return ModelSpec(
-        name=str(meta.get("general.name", path.stem)),
+        name=gguf_model_name(path),
         architecture=arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
