@@ -56,12 +56,17 @@ class _Slot:
     logits: torch.Tensor | None = None
 
 
-class _GraphAttention:
-    """The attention backend inside a graph: planning happens outside (DecodeGraphs.run), so begin() does
-    nothing; forward writes K/V at the static rows, restores sequence 0's row, then runs the wrapper."""
+class GraphAttention:
+    """The attention backend inside a captured graph (decode or extend): planning happens outside, before
+    each replay, so begin() does nothing. forward writes K/V at the static rows (padding rows aim at
+    row 0's slot), writes row 0 again so it wins, then runs the CUDA-graph-mode wrapper."""
 
-    def __init__(self, slot: _Slot, shape: AttentionShape) -> None:
-        self._slot = slot
+    def __init__(
+        self, wrapper: object, k_rows: torch.Tensor, v_rows: torch.Tensor, shape: AttentionShape
+    ) -> None:
+        self._wrapper = wrapper
+        self._k_rows = k_rows
+        self._v_rows = v_rows
         self._shape = shape
 
     def begin(self, batch: ForwardBatch) -> None:
@@ -70,17 +75,17 @@ class _GraphAttention:
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor
     ) -> torch.Tensor:
-        s, slot = self._shape, self._slot
+        s = self._shape
         rows = kv_layer.view(-1, s.num_kv_heads, s.head_dim)
         k = k.reshape(-1, s.num_kv_heads, s.head_dim)
         v = v.reshape(-1, s.num_kv_heads, s.head_dim)
-        rows.index_copy_(0, slot.k_rows, k)
-        rows.index_copy_(0, slot.v_rows, v)
-        # Padding rows aimed at sequence 0's row: write sequence 0 again, last, so it wins.
-        rows.index_copy_(0, slot.k_rows[:1], k[:1])
-        rows.index_copy_(0, slot.v_rows[:1], v[:1])
+        rows.index_copy_(0, self._k_rows, k)
+        rows.index_copy_(0, self._v_rows, v)
+        # Padding rows aimed at row 0's slot: write row 0 again, last, so it wins.
+        rows.index_copy_(0, self._k_rows[:1], k[:1])
+        rows.index_copy_(0, self._v_rows[:1], v[:1])
         q = q.reshape(-1, s.num_qo_heads, s.head_dim)
-        return slot.wrapper.run(q if q.is_contiguous() else q.contiguous(), kv_layer)  # type: ignore[attr-defined]
+        return self._wrapper.run(q if q.is_contiguous() else q.contiguous(), kv_layer)  # type: ignore[attr-defined]
 
 
 class DecodeGraphs:
@@ -163,7 +168,7 @@ class DecodeGraphs:
         side = torch.cuda.Stream(self._attention.device)
         for bs in sorted(self.batch_sizes, reverse=True):  # largest first: the others reuse its memory
             slot = self._slots[bs]
-            attn = _GraphAttention(slot, self.shape)
+            attn = GraphAttention(slot.wrapper, slot.k_rows, slot.v_rows, self.shape)
             self._plan(slot, (1,) * bs, slot.batch.kv_page_ids)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

@@ -1,14 +1,16 @@
 """The model as a CUDA worker runs it: the fused forward (FlashInfer norm / RoPE / activation kernels)
-where it applies, decode steps through CUDA graphs, and every kernel warmed before the first request.
+where it applies, decode steps and small prefills over cached prefixes through CUDA graphs, and every
+kernel warmed before the first request.
 
     engine.step ──► CudaModelRunner.forward ──┬─ decode batch that fits a graph ─► DecodeGraphs.run
+                                              ├─ small extend that fits a graph ─► ExtendGraphs.run
                                               ├─ fused path applies ─────────────► LlamaCudaForward
                                               └─ otherwise ──────────────────────► LlamaModel.forward
 
 `bind(pool, attention, page_size)` runs once per pool mapping (the runtime calls it after mapping the
 pool a Welcome names): it JIT-loads the attention kernels, runs one eager prefill and one decode on a
 scratch pool (never the shared one: its pages belong to the daemon), reserves the RoPE table for the
-whole context, and captures the decode graphs against the mapped pool.
+whole context, and captures the decode and extend graphs against the mapped pool.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from computeworker.model.batch import AttentionBackend, ForwardBatch
 from computeworker.model.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from computeworker.model.extend_graphs import DEFAULT_BATCH_SIZES, DEFAULT_TOKEN_BUCKETS, ExtendGraphs
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.llama import LlamaModel
 from computeworker.model.llama_cuda import LlamaCudaForward, fused_path_applies
@@ -32,18 +35,33 @@ _SCRATCH_PAGES = 8
 class CudaModelRunner:
     """A PagedModel (see computeworker.engine.engine) over a LlamaModel on CUDA.
 
-    State: the captured decode graphs of the current pool (replaced by every `bind`). Must hold: `bind`
-    before serving from a pool, for graphs to be used; one thread at a time."""
+    State: the captured decode and extend graphs of the current pool (replaced by every `bind`). Must
+    hold: `bind` before serving from a pool, for graphs to be used; one thread at a time.
 
-    def __init__(self, model: LlamaModel, *, cuda_graphs: bool = True, max_graph_batch: int = 16) -> None:
+    extend_batch_sizes / extend_token_buckets: the (sequences, padded new tokens) shapes captured for
+    prefill steps; () for either turns extend graphs off."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        cuda_graphs: bool = True,
+        max_graph_batch: int = 16,
+        extend_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+        extend_token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS,
+    ) -> None:
         if max_graph_batch < 1:
             raise ValueError(f"max_graph_batch must be >= 1, got {max_graph_batch}")
         self.model = model
         self._fused = LlamaCudaForward(model) if fused_path_applies(model.device, model.dtype) else None
         self.cuda_graphs = cuda_graphs and self._fused is not None
         self.max_graph_batch = max_graph_batch
+        self.extend_batch_sizes = extend_batch_sizes
+        self.extend_token_buckets = extend_token_buckets
         self._graphs: DecodeGraphs | None = None
+        self._extend: ExtendGraphs | None = None
         self.num_graph_steps = 0  # decode steps replayed from a graph (tests and logs read it)
+        self.num_extend_graph_steps = 0  # prefill steps replayed from a graph
         self.num_eager_steps = 0
 
     @property
@@ -67,6 +85,15 @@ class CudaModelRunner:
         ):
             self.num_graph_steps += 1
             return graphs.run(batch)
+        extend = self._extend
+        if (
+            extend is not None
+            and not all_logits
+            and kv_pool.data_ptr() == extend.pool.data_ptr()
+            and extend.can_run(batch)
+        ):
+            self.num_extend_graph_steps += 1
+            return extend.run(batch)
         self.num_eager_steps += 1
         if self._fused is not None:
             return self._fused(batch, kv_pool, attention, all_logits)
@@ -79,6 +106,7 @@ class CudaModelRunner:
 
         start = time.perf_counter()
         self._graphs = None
+        self._extend = None
         spec = self.model.spec
         page_size = int(pool.shape[3])
         attention_s = attention.warmup() if isinstance(attention, FlashInferAttention) else 0.0
@@ -102,10 +130,21 @@ class CudaModelRunner:
             )
             graphs_s = graphs.capture(scratch)
             self._graphs = graphs
+            if self.extend_batch_sizes and self.extend_token_buckets:
+                extend = ExtendGraphs(
+                    self._fused,
+                    attention,
+                    pool,
+                    max_pages_per_seq=-(-spec.max_position_embeddings // page_size) + 1,
+                    batch_sizes=self.extend_batch_sizes,
+                    token_buckets=self.extend_token_buckets,
+                )
+                graphs_s += extend.capture(scratch)
+                self._extend = extend
         del scratch
         seconds = time.perf_counter() - start
         log.info(
-            "kernels warmed in %.1f s (attention %.1f s, %s forward %.1f s, decode graphs %.1f s%s)",
+            "kernels warmed in %.1f s (attention %.1f s, %s forward %.1f s, decode + extend graphs %.1f s%s)",
             seconds,
             attention_s,
             "fused" if self._fused is not None else "torch",

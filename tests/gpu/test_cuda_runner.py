@@ -1,5 +1,6 @@
-"""The CUDA worker pieces: decode through CUDA graphs against the eager fused forward (logits and every
-pool byte), and the whole stack with two GPU workers racing to compute one prefix."""
+"""The CUDA worker pieces: decode and extend (prefill over a cached prefix) through CUDA graphs against the
+eager fused forward (logits and every pool byte), and the whole stack with two GPU workers racing to
+compute one prefix."""
 
 from __future__ import annotations
 
@@ -73,6 +74,60 @@ def test_graph_decode_matches_eager(model_dir: Path) -> None:
         tokens = got.argmax(-1).tolist()
     assert graphs.num_graph_steps == 20
     assert eager.num_graph_steps == 0
+
+
+def test_graph_extend_matches_eager(model_dir: Path) -> None:
+    """Padded extend graphs (buckets 32 / 64, one or two sequences) against the eager fused forward: same
+    argmax, logits within bf16 noise, and exactly the batch's write slots changed in the pool (the
+    padding tokens' writes never land outside them)."""
+    model, spec = random_model(model_dir, torch.bfloat16, "cuda", seed=4)
+    attn = FlashInferAttention(
+        AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE), device="cuda"
+    )
+    pool = torch.zeros((2, 64, 2, PAGE, 2, 128), dtype=torch.bfloat16, device="cuda")
+    graphs = CudaModelRunner(
+        model, cuda_graphs=True, max_graph_batch=4, extend_batch_sizes=(1, 2), extend_token_buckets=(32, 64)
+    )
+    eager = CudaModelRunner(model, cuda_graphs=False)
+    graphs.bind(pool, attn)
+    gen = torch.Generator().manual_seed(6)
+    pages = [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 10, 11, 12, 13, 14, 15]]
+    prefix = torch.randint(3, 1000, (40,), generator=gen).tolist()
+    # Cached prefixes: 40 tokens in pages 0..2 (shared 2 pages), the second sequence 40 of its own after.
+    eager.forward(build_forward_batch([SeqChunk(prefix, 0, pages[0])], PAGE, "cuda"), pool, attn)
+    eager.forward(build_forward_batch([SeqChunk(prefix[32:], 32, pages[1])], PAGE, "cuda"), pool, attn)
+    eager_pool = pool.clone()
+
+    def new_tokens(n: int) -> list[int]:
+        return torch.randint(3, 1000, (n,), generator=gen).tolist()
+
+    # (start positions, new token counts): pad 12, pad 24 over two sequences, no pad, two full pages.
+    steps = [((40,), (20,)), ((60, 40), (10, 30)), ((70,), (32,)), ((102, 70), (3, 1))]
+    for starts, counts in steps:
+        chunks = [
+            SeqChunk(new_tokens(c), p, pages[i]) for i, (p, c) in enumerate(zip(starts, counts, strict=True))
+        ]
+        batch = build_forward_batch(chunks, PAGE, "cuda")
+        before = pool.clone()
+        got = graphs.forward(batch, pool, attn).clone()
+        want = eager.forward(batch, eager_pool, attn)
+        assert got.shape == (len(chunks), 1000)
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+        assert rel_err(got, want) < 1e-2
+        changed = (pool != before).permute(1, 3, 0, 2, 4, 5).flatten(2).any(-1)  # [pages, page slots]
+        slots = {
+            (pages[i][pos // PAGE], pos % PAGE)
+            for i, (p, c) in enumerate(zip(starts, counts, strict=True))
+            for pos in range(p, p + c)
+        }
+        assert {(p, s) for p, s in changed.nonzero().tolist()} == slots
+        for p, s in slots:
+            assert rel_err(pool[:, p, :, s], eager_pool[:, p, :, s]) < 1e-2
+    assert graphs.num_extend_graph_steps == 4
+    # Three sequences or more than 64 new tokens: no graph fits, the step runs eagerly.
+    batch = build_forward_batch([SeqChunk(new_tokens(65), 0, [30, 31, 32, 33, 34])], PAGE, "cuda")
+    got = graphs.forward(batch, pool, attn)
+    assert (graphs.num_extend_graph_steps, graphs.num_eager_steps) == (4, 1)
 
 
 def test_two_gpu_workers_race_on_one_prefix(model_dir: Path, tmp_path: Path) -> None:

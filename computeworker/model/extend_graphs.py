@@ -1,0 +1,250 @@
+"""Small prefills over cached prefixes ("extend" steps) replayed from CUDA graphs.
+
+A 100-token question over a 10k-token cached prefix on the 8B model needs ~3.5 ms of weight reads on
+the GPU, but ~400 launches issued from Python cost ~7 ms of host time: eager, the step is host-bound.
+One graph per (number of sequences, padded token count) replays the whole fused forward with one launch.
+
+    static inputs   input_ids [T_pad], positions [T_pad], K/V write rows [T_pad], qo_indptr [n+1]
+    attention       a FlashInfer paged-prefill wrapper in CUDA-graph mode, fixed batch size n, fixed
+                    qo / kv indptr, page-id and last-page-len buffers; plan() runs on the host before
+                    each replay and rewrites them (and the work schedule in its int workspace)
+    the pool        pool[layer] addresses: a new pool mapping needs a new capture
+    output          logits [n, vocab] float32 (each sequence's last token), overwritten by the next replay
+
+Padding: a step of T real tokens replays the graph of the smallest bucket >= T. The T_pad - T padding
+tokens (id 0, position 0) lie past qo_indptr[n] = T, so the attention kernel never reads or computes them
+(the graph's attention output rows for them stay zero); their rows through the linear layers are
+independent of the real ones. Their K/V writes are aimed at the first real token's slot, and that token's
+K/V is written again right after, so the pool ends up exactly as an eager step leaves it and no slot
+outside the batch's own write slots is touched.
+
+FlashInfer's constraints (0.7.2, BatchPrefillWithPagedKVCacheWrapper): in CUDA-graph mode the batch size
+is fixed by the buffers, and the first plan() fixes the largest total row count; the query tensor given
+to run() at capture has exactly that many rows. So each graph is planned first (and captured) with
+T_pad rows, and later plans with T <= T_pad rows reuse the same launch shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from computeworker.model.attention_flashinfer import FlashInferAttention, host_page_table
+from computeworker.model.batch import ForwardBatch
+from computeworker.model.cuda_graphs import ForwardFn, GraphAttention
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_BUCKETS = (128, 256, 512)
+DEFAULT_BATCH_SIZES = (1, 2, 3, 4)
+
+
+def pick_bucket(num_tokens: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket >= num_tokens (buckets ascending), or None if none is large enough."""
+    return next((b for b in buckets if b >= num_tokens), None)
+
+
+def extend_fits(
+    batch: ForwardBatch,
+    *,
+    batch_sizes: tuple[int, ...],
+    token_buckets: tuple[int, ...],
+    page_size: int,
+    max_pages_per_seq: int,
+) -> bool:
+    """Whether a captured extend graph can run `batch`: not a pure decode batch (decode graphs take
+    those), a captured sequence count, a token count within the largest bucket, at least one new token
+    per sequence, and every sequence's pages within the page buffer."""
+    if batch.is_decode or batch.num_seqs not in batch_sizes:
+        return False
+    if min(batch.q_lens) < 1 or pick_bucket(sum(batch.q_lens), token_buckets) is None:
+        return False
+    return max(-(-n // page_size) for n in batch.kv_lens) <= max_pages_per_seq
+
+
+@dataclass(slots=True)
+class _Slot:
+    """Everything one (batch size, token bucket) graph owns."""
+
+    batch_size: int
+    num_tokens: int  # the bucket: rows the graph computes
+    wrapper: object  # flashinfer.BatchPrefillWithPagedKVCacheWrapper (CUDA-graph mode)
+    batch: ForwardBatch  # static inputs the graph reads
+    k_rows: torch.Tensor  # [num_tokens] int64 rows of kv_layer.view(-1, heads, dim) receiving K
+    v_rows: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+
+
+class ExtendGraphs:
+    """CUDA graphs of `forward` for prefill steps of a few sequences and few new tokens over one pool.
+
+    State: one captured graph per (batch size, token bucket) after `capture`. Must hold: `pool` stays
+    mapped while this object is used; `run` only for batches `can_run` accepts; the logits `run` returns
+    are valid until the next `run` of any graph. Not thread-safe (one compute thread)."""
+
+    def __init__(
+        self,
+        forward: ForwardFn,
+        attention: FlashInferAttention,
+        pool: torch.Tensor,
+        *,
+        max_pages_per_seq: int,
+        batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+        token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS,
+    ) -> None:
+        import flashinfer
+
+        if not batch_sizes or min(batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be positive, got {batch_sizes}")
+        if not token_buckets or min(token_buckets) < max(batch_sizes):
+            raise ValueError(f"token buckets {token_buckets} must hold at least one token per sequence")
+        if max_pages_per_seq < 1:
+            raise ValueError("max_pages_per_seq must be >= 1")
+        self._forward = forward
+        self._attention = attention
+        self.pool = pool
+        self.shape = attention.shape
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        self.token_buckets = tuple(sorted(set(token_buckets)))
+        self.max_pages_per_seq = max_pages_per_seq
+        self._mempool = torch.cuda.graph_pool_handle()
+        device = attention.device
+        i32 = dict(dtype=torch.int32, device=device)
+        self._slots: dict[tuple[int, int], _Slot] = {}
+        with torch.inference_mode():
+            for bs in self.batch_sizes:
+                for num_tokens in self.token_buckets:
+                    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                        attention.workspace,
+                        "NHD",
+                        backend=attention.prefill_backend,
+                        use_cuda_graph=True,
+                        qo_indptr_buf=torch.zeros(bs + 1, **i32),
+                        paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
+                        paged_kv_indices_buf=torch.zeros(bs * max_pages_per_seq, **i32),
+                        paged_kv_last_page_len_buf=torch.zeros(bs, **i32),
+                    )
+                    zeros = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+                    q_lens = (num_tokens - bs + 1,) + (1,) * (bs - 1)  # the capture-time layout
+                    batch = ForwardBatch(
+                        input_ids=zeros.clone(),
+                        positions=zeros.clone(),
+                        qo_indptr=torch.zeros(bs + 1, **i32),
+                        kv_indptr=torch.zeros(bs + 1, **i32),
+                        kv_page_ids=torch.zeros(1, **i32),
+                        kv_last_page_len=torch.ones(bs, **i32),
+                        write_page_ids=zeros.clone(),
+                        write_slots=zeros.clone(),
+                        q_lens=q_lens,
+                        kv_lens=q_lens,
+                    )
+                    slot = _Slot(bs, num_tokens, wrapper, batch, zeros.clone(), zeros.clone())
+                    self._slots[(bs, num_tokens)] = slot
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return extend_fits(
+            batch,
+            batch_sizes=self.batch_sizes,
+            token_buckets=self.token_buckets,
+            page_size=self.shape.page_size,
+            max_pages_per_seq=self.max_pages_per_seq,
+        )
+
+    @torch.inference_mode()
+    def capture(self, scratch_pool: torch.Tensor) -> float:
+        """Plan each graph with its full token count, run it once eagerly on `scratch_pool` (loads the
+        kernels and lazily built buffers outside the capture), then capture it against the real pool.
+        Capturing launches nothing, so the real pool is not touched. Returns seconds taken."""
+        if scratch_pool.shape[0] != self.pool.shape[0] or scratch_pool.shape[2:] != self.pool.shape[2:]:
+            raise ValueError("scratch pool layout differs from the pool's")
+        start = time.perf_counter()
+        num_scratch = int(scratch_pool.shape[1])
+        side = torch.cuda.Stream(self._attention.device)
+        for key in sorted(self._slots, key=lambda k: (-k[1], -k[0])):  # largest first: reuse its memory
+            slot = self._slots[key]
+            s = slot.batch
+            num_pages = sum(-(-n // self.shape.page_size) for n in s.kv_lens)
+            # Capture-time pages cycle through the scratch pool: reading repeats is harmless, and the
+            # write rows (all zero here) only ever land in the scratch pool.
+            page_ids = torch.arange(num_pages, dtype=torch.int32, device=self._attention.device) % num_scratch
+            qo_indptr = _indptr(s.q_lens)
+            s.qo_indptr.copy_(qo_indptr)
+            self._plan(slot, qo_indptr, s.kv_lens, page_ids)
+            attn = GraphAttention(slot.wrapper, slot.k_rows, slot.v_rows, self.shape)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._forward(s, scratch_pool, attn, False)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool, stream=side):
+                slot.logits = self._forward(s, self.pool, attn, False)
+            slot.graph = graph
+        torch.cuda.synchronize(self._attention.device)
+        seconds = time.perf_counter() - start
+        log.info(
+            "captured extend CUDA graphs for %s sequences x %s tokens in %.1f s",
+            self.batch_sizes,
+            self.token_buckets,
+            seconds,
+        )
+        return seconds
+
+    @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Replay the graph of batch.num_seqs sequences and the smallest bucket >= batch.num_tokens.
+        Returns [num_seqs, vocab] float32 logits of each sequence's last token (the graph's output
+        buffer). Raises ValueError if `can_run` is False or the graphs were not captured."""
+        if not self.can_run(batch):
+            raise ValueError("batch does not fit the captured extend graphs")
+        n, num_tokens = batch.num_seqs, sum(batch.q_lens)
+        bucket = pick_bucket(num_tokens, self.token_buckets)
+        assert bucket is not None
+        slot = self._slots[(n, bucket)]
+        if slot.graph is None or slot.logits is None:
+            raise ValueError("capture() first")
+        self._plan(slot, _indptr(batch.q_lens), batch.kv_lens, batch.kv_page_ids)
+        static, ps = slot.batch, self.shape.page_size
+        static.qo_indptr.copy_(batch.qo_indptr, non_blocking=True)
+        static.input_ids[:num_tokens].copy_(batch.input_ids, non_blocking=True)
+        static.positions[:num_tokens].copy_(batch.positions, non_blocking=True)
+        torch.add(batch.write_slots, batch.write_page_ids, alpha=2 * ps, out=slot.k_rows[:num_tokens])
+        pad = bucket - num_tokens
+        if pad:
+            static.input_ids[num_tokens:].zero_()
+            static.positions[num_tokens:].zero_()
+            slot.k_rows[num_tokens:].copy_(slot.k_rows[:1].expand(pad))
+        torch.add(slot.k_rows, ps, out=slot.v_rows)
+        slot.graph.replay()
+        return slot.logits
+
+    def _plan(
+        self, slot: _Slot, qo_indptr: torch.Tensor, kv_lens: tuple[int, ...], page_ids: torch.Tensor
+    ) -> None:
+        s, a = self.shape, self._attention
+        kv_indptr, last_page_len = host_page_table(kv_lens, s.page_size)
+        slot.wrapper.plan(  # type: ignore[attr-defined]
+            qo_indptr,
+            kv_indptr,
+            page_ids.to(torch.int32),
+            last_page_len,
+            s.num_qo_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            s.page_size,
+            causal=True,
+            sm_scale=a.sm_scale,
+            q_data_type=a.dtype,
+            kv_data_type=a.dtype,
+        )
+
+
+def _indptr(lens: tuple[int, ...]) -> torch.Tensor:
+    """[len(lens) + 1] int32 CPU cumulative sums, starting at 0."""
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
