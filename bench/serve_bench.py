@@ -111,6 +111,10 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
 
         rng = random.Random(7)
         prefix = random_tokens(rng, args.prefix_tokens, vocab)
+
+        def text(ids: list[int]) -> str:  # bench.random_model's words: "w<id>" split on whitespace
+            return " ".join(f"w{t}" for t in ids)
+
         url, model = stack.config.url, stack.model
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
             for i in range(2):  # first-call costs out of the way (both kernel shapes)
@@ -131,7 +135,20 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
                 )
                 for _ in range(args.hot_reps)
             ]
-        return {"cold": cold, "hot": hot, "since": since}
+            cold_text = [
+                await complete(
+                    s, url, model, text(prefix + random_tokens(rng, args.question_tokens, vocab)), 1,
+                    f"coldtext{i}",
+                )
+                for i in range(args.cold_reps)
+            ]  # fmt: skip
+            hot_text = [
+                await complete(
+                    s, url, model, text(prefix + random_tokens(rng, args.question_tokens, vocab)), 1, "hot"
+                )
+                for _ in range(args.hot_reps)
+            ]
+        return {"cold": cold, "hot": hot, "cold_text": cold_text, "hot_text": hot_text, "since": since}
 
     got = asyncio.run(go())
     total = args.prefix_tokens + args.question_tokens
@@ -142,6 +159,10 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
     ]
     cold_ttft = statistics.median(r.ttft_s for r in got["cold"])
     hot_ttft = statistics.median(r.ttft_s for r in got["hot"])
+
+    def med(key: str, field: str) -> float:
+        return round(statistics.median(getattr(r, field) for r in got[key]), 4)
+
     return {
         "prefix_tokens": args.prefix_tokens,
         "question_tokens": args.question_tokens,
@@ -150,6 +171,15 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
         "ttft_cold_all_s": [round(r.ttft_s, 4) for r in got["cold"]],
         "ttft_cached_all_s": [round(r.ttft_s, 4) for r in got["hot"]],
         "cached_tokens_hot": [r.cached_tokens for r in got["hot"]],
+        # Send -> response headers: parse, tokenize (text), match, lease and dispatch in the daemon.
+        "headers_cold_s": med("cold", "headers_s"),
+        "headers_cached_s": med("hot", "headers_s"),
+        # The same prompts as text: the daemon tokenizes 10,100 words on the way in.
+        "ttft_cold_text_s": med("cold_text", "ttft_s"),
+        "ttft_cached_text_s": med("hot_text", "ttft_s"),
+        "headers_cached_text_s": med("hot_text", "headers_s"),
+        "ttft_cached_text_all_s": [round(r.ttft_s, 4) for r in got["hot_text"]],
+        "cached_tokens_hot_text": [r.cached_tokens for r in got["hot_text"]],
         "forward_cold_ms": round(statistics.median(cold_ms), 3) if cold_ms else None,
         "forward_cached_ms": round(statistics.median(hot_ms), 3) if hot_ms else None,
         "forward_cold_all_ms": cold_ms,
@@ -239,28 +269,48 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def build_report(
-    args: argparse.Namespace, shape: LlamaShape, card: str, bw: float | None, a, b, c1, c2
+    args: argparse.Namespace, shape: LlamaShape, card: str, bw: float | None, a, b, c1, c2, previous
 ) -> dict:
+    """The JSON report. Sections of phases not run this time (None) come from `previous` (an earlier
+    report), each marked with "from": that report's run label, as do their targets."""
     # Streaming reads run at about the copy figure (read + write bytes per second) on H100/H200.
     floor_ms = weight_bytes(shape, read_only=True) / bw * 1e3 if bw else None
-    targets = {
-        "ttft_cached_speedup": target(ratio(a["ttft_cold_s"], a["ttft_cached_s"]), 20.0),
-        "forward_cached_speedup": target(
-            ratio(a["forward_cold_ms"], a["forward_cached_ms"]), 40.0,
-            ratio(a["forward_cold_ms"], floor_ms),
-        ),
+    targets: dict = {}
+    if a is not None:
+        targets["ttft_cached_speedup"] = target(ratio(a["ttft_cold_s"], a["ttft_cached_s"]), 20.0)
+        targets["ttft_cached_speedup_text"] = target(
+            ratio(a["ttft_cold_text_s"], a["ttft_cached_text_s"]), 20.0
+        )
+        targets["forward_cached_speedup"] = target(
+            ratio(a["forward_cold_ms"], a["forward_cached_ms"]), 40.0, ratio(a["forward_cold_ms"], floor_ms)
+        )
+    if b is not None:
         # Ceiling: if prefill were all the work, the cache saves at most this factor of prompt tokens.
-        "multiturn_throughput_ratio": target(
+        targets["multiturn_throughput_ratio"] = target(
             ratio(b["cache"]["total_tokens_per_s"], b["no_cache"]["total_tokens_per_s"]), 4.0,
             round(1 / (1 - b["hit_rate_ceiling"]), 2),
-        ),
-        "multiturn_token_hit_rate": target(b["cache"]["token_hit_rate"], 0.75, b["hit_rate_ceiling"]),
-        "two_workers_throughput_ratio": target(ratio(c2["requests_per_s"], c1["requests_per_s"]), 1.0),
-        "two_workers_every_follower_hit": target(
+        )  # fmt: skip
+        targets["multiturn_token_hit_rate"] = target(
+            b["cache"]["token_hit_rate"], 0.75, b["hit_rate_ceiling"]
+        )
+    if c1 is not None and c2 is not None:
+        targets["two_workers_throughput_ratio"] = target(
+            ratio(c2["requests_per_s"], c1["requests_per_s"]), 1.0
+        )
+        targets["two_workers_every_follower_hit"] = target(
             float(c2["min_cached_tokens"] == c2["prefix_len"]), 1.0
-        ),
-    }  # fmt: skip
+        )
+    sections = {"shared_prefix": a, "multi_turn": b, "groups_1_worker": c1, "groups_2_workers": c2}
+    if previous is not None:
+        label = previous.get("run") or f"{previous['card']}, {previous['date']}"
+        for name, value in sections.items():
+            if value is None and previous.get(name) is not None:
+                sections[name] = {**previous[name], "from": previous[name].get("from", label)}
+        for key, value in previous["targets"].items():
+            if key not in targets:
+                targets[key] = {**value, "from": value.get("from", label)}
     return {
+        "run": args.run_label,
         "card": card,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bench.serve_bench " + " ".join(sys.argv[1:]),
@@ -268,10 +318,7 @@ def build_report(
         "copy_bandwidth_GBps": round(bw / 1e9, 1) if bw else None,
         "weight_read_floor_ms": round(floor_ms, 3) if floor_ms else None,
         "targets": targets,
-        "shared_prefix": a,
-        "multi_turn": b,
-        "groups_1_worker": c1,
-        "groups_2_workers": c2,
+        **sections,
     }
 
 
@@ -282,19 +329,50 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     a, b = report["shared_prefix"], report["multi_turn"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    bars = [
-        (axes[0], ["cold", "cached"], [a["ttft_cold_s"] * 1e3, a["ttft_cached_s"] * 1e3], "TTFT ms (10k prefix)"),
-        (axes[1], ["cold", "cached"], [a["forward_cold_ms"] or 0, a["forward_cached_ms"] or 0], "engine step ms"),
-        (axes[2], ["no cache", "cache"],
-         [b["no_cache"]["total_tokens_per_s"], b["cache"]["total_tokens_per_s"]], "multi-turn tokens/s"),
-        (axes[3], ["1 worker", "2 workers"],
-         [report["groups_1_worker"]["requests_per_s"], report["groups_2_workers"]["requests_per_s"]],
-         "shared groups req/s"),
-    ]  # fmt: skip
-    for ax, labels, values, title in bars:
+    c1, c2 = report["groups_1_worker"], report["groups_2_workers"]
+
+    def src(section: dict) -> str:
+        return f"\n({section['from']})" if "from" in section else ""
+
+    bars = []
+    if a is not None:
+        bars += [
+            (
+                ["cold", "cached"],
+                [a["ttft_cold_s"] * 1e3, a["ttft_cached_s"] * 1e3],
+                "TTFT ms, token ids" + src(a),
+            ),
+            (
+                ["cold", "cached"],
+                [a["ttft_cold_text_s"] * 1e3, a["ttft_cached_text_s"] * 1e3],
+                "TTFT ms, text" + src(a),
+            ),
+            (
+                ["cold", "cached"],
+                [a["forward_cold_ms"] or 0, a["forward_cached_ms"] or 0],
+                "engine step ms" + src(a),
+            ),
+        ]
+    if b is not None:
+        bars.append(
+            (
+                ["no cache", "cache"],
+                [b["no_cache"]["total_tokens_per_s"], b["cache"]["total_tokens_per_s"]],
+                "multi-turn tokens/s" + src(b),
+            )
+        )
+    if c1 is not None and c2 is not None:
+        bars.append(
+            (
+                ["1 worker", "2 workers"],
+                [c1["requests_per_s"], c2["requests_per_s"]],
+                "shared groups req/s" + src(c2),
+            )
+        )
+    fig, axes = plt.subplots(1, len(bars), figsize=(4 * len(bars), 3.8), squeeze=False)
+    for ax, (labels, values, title) in zip(axes[0], bars, strict=True):
         ax.bar(labels, values, color=["#999", "#2a7"])
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         for x, v in enumerate(values):
             ax.text(x, v, f"{v:.3g}", ha="center", va="bottom")
     fig.suptitle(f"radixkv serve bench, {report['card']}, {report['date']}")
@@ -324,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=16384)
     p.add_argument("--worker-reserve-gib", type=int, default=8, help="per worker beyond the weights")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--phases", default="abc", help="which phases to run: a (shared prefix), b, c")
+    p.add_argument("--previous", type=Path, help="an earlier report: sections of phases not run come from it")
+    p.add_argument("--run-label", default=None, help="a name for this run, kept in the report")
     args = p.parse_args(argv)
+    if not set(args.phases) <= set("abc") or not args.phases:
+        p.error("--phases takes letters from a, b, c")
+    previous = json.loads(args.previous.read_text()) if args.previous else None
     shape = LLAMA3_8B if args.shape == "8b" else TINY
     bw = measure_copy_bandwidth(args.device)
     budget1, budget2, clients, card = plan_memory(args, shape)
@@ -341,23 +425,28 @@ def main(argv: list[str] | None = None) -> int:
         def encode(text: str) -> list[int]:
             return tok.encode(text, add_special_tokens=False).ids
 
+        a = b = c1 = c2 = None
         try:
             with Stack(args, model_dir, 1, budget1, tmp) as stack:
-                a = phase_a(stack, args, shape.vocab_size)
-                print(f"shared prefix: {a}", flush=True)
-                b = phase_b(stack, args, clients, shape.vocab_size, encode)
-                c1 = phase_c(stack, args, shape.vocab_size, "groups1")
-                print(f"groups, 1 worker: {c1}", flush=True)
-            with Stack(args, model_dir, 2, budget2, tmp) as stack:
-                c2 = phase_c(stack, args, shape.vocab_size, "groups2")
-                print(f"groups, 2 workers: {c2}", flush=True)
+                if "a" in args.phases:
+                    a = phase_a(stack, args, shape.vocab_size)
+                    print(f"shared prefix: {a}", flush=True)
+                if "b" in args.phases:
+                    b = phase_b(stack, args, clients, shape.vocab_size, encode)
+                if "c" in args.phases:
+                    c1 = phase_c(stack, args, shape.vocab_size, "groups1")
+                    print(f"groups, 1 worker: {c1}", flush=True)
+            if "c" in args.phases:
+                with Stack(args, model_dir, 2, budget2, tmp) as stack:
+                    c2 = phase_c(stack, args, shape.vocab_size, "groups2")
+                    print(f"groups, 2 workers: {c2}", flush=True)
         finally:
             for log in sorted(tmp.glob("logs-*/*.log")):
                 lines = log.read_text(errors="replace").splitlines()
                 keep = [line for line in lines if "step seqs=" not in line]
                 print(f"---- {log.parent.name}/{log.name} ({len(lines)} lines, steps omitted)")
                 print("\n".join(keep[-40:]))
-    report = build_report(args, shape, card, bw, a, b, c1, c2)
+    report = build_report(args, shape, card, bw, a, b, c1, c2, previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, args.out.with_suffix(".png"))
