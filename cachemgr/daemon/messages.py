@@ -239,6 +239,14 @@ class WorkerMessages:
             raise BadMessage(ErrorCode.MALFORMED, str(exc)) from None
         if not tokens or req.aborted:
             return
+        if len(req.generated) + len(tokens) > req.sampling.max_tokens:
+            # A buggy or hostile worker must not grow the daemon's buffers (or the client's output)
+            # beyond what the request asked for.
+            raise BadMessage(
+                ErrorCode.MALFORMED,
+                f"{len(tokens)} more tokens exceed max_tokens {req.sampling.max_tokens} "
+                f"({len(req.generated)} already streamed)",
+            )
         req.generated.extend(tokens)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
