@@ -227,7 +227,8 @@ class Codec:
         return self._encoder.encode(msg)
 
     def decode_from_worker(self, data: bytes) -> WorkerToDaemon:
-        """Raises msgspec.DecodeError / msgspec.ValidationError on anything malformed."""
+        """Raises ValueError on anything malformed: msgspec.DecodeError / ValidationError, or a
+        UnicodeDecodeError (msgspec raises it as is for invalid UTF-8 in a field name)."""
         return self._to_daemon.decode(data)
 
     def decode_from_daemon(self, data: bytes) -> DaemonToWorker:
