@@ -194,7 +194,11 @@ class ScriptedWorker:
             if msg.code is ErrorCode.NOT_REGISTERED:
                 self.register()
             elif msg.request_id in self.requests:
-                self.requests.pop(msg.request_id)
+                # As the real engine does: out of pages ends the request (LENGTH), anything else aborts
+                # it. Either way the daemon hears Finished; a silent drop would leave it waiting forever.
+                req = self.requests[msg.request_id]
+                out_of_pages = msg.code is ErrorCode.NO_ROOM and req.waiting_for == "pages"
+                self.finish(req, FinishReason.LENGTH if out_of_pages else FinishReason.ABORT)
 
     def on_dispatch(self, msg: Dispatch) -> None:
         assert self.pool is not None
@@ -275,20 +279,21 @@ class ScriptedWorker:
             os.kill(os.getpid(), signal.SIGKILL)
         req.next_step_at = now + self.args.token_delay
         if token in req.stop_ids or req.generated >= req.max_tokens:
-            reason = FinishReason.STOP if token in req.stop_ids else FinishReason.LENGTH
-            full = len(req.seq) // ps
-            self.send(
-                Finished(
-                    request_id=req.request_id,
-                    reason=reason,
-                    tokens=ids_to_bytes(req.seq[: full * ps]),
-                    page_ids=ids_to_bytes(req.pages[:full]),
-                )
+            self.finish(req, FinishReason.STOP if token in req.stop_ids else FinishReason.LENGTH)
+
+    def finish(self, req: _Req, reason: FinishReason) -> None:
+        """Send Finished with the full pages written so far (none for ABORT) and forget the request."""
+        full = len(req.seq) // self.page_size if reason is not FinishReason.ABORT else 0
+        self.send(
+            Finished(
+                request_id=req.request_id,
+                reason=reason,
+                tokens=ids_to_bytes(req.seq[: full * self.page_size]),
+                page_ids=ids_to_bytes(req.pages[:full]),
             )
-            del self.requests[req.request_id]
-            self.log(
-                "finished", request_id=req.request_id.hex(), reason=reason.value, generated=req.generated
-            )
+        )
+        del self.requests[req.request_id]
+        self.log("finished", request_id=req.request_id.hex(), reason=reason.value, generated=req.generated)
 
 
 def main() -> None:
