@@ -77,7 +77,7 @@ def run_worker(endpoint: str, mode: str, seconds: float, out: Path, index: int) 
     warmup_end = clock() + 300_000_000  # the first 0.3 s warm up caches, allocators and the daemon's tree
     end = warmup_end + int(seconds * 1e9)
     i = n = 0
-    window_start = window_end = 0
+    window_start = window_end = cpu_start = 0
     while True:
         t0 = clock()
         if t0 >= end:
@@ -89,15 +89,16 @@ def run_worker(endpoint: str, mode: str, seconds: float, out: Path, index: int) 
             raise RuntimeError(f"daemon replied with an error: {codec.decode_from_daemon(reply)}")
         if t0 >= warmup_end:
             if n == 0:
-                window_start = t0
+                window_start, cpu_start = t0, time.process_time_ns()
             samples[n] = t1 - t0
             n += 1
             window_end = t1
         i += 1
     # Per-worker rate over its own measured window; the workers' windows overlap almost entirely.
     window_s = (window_end - window_start) / 1e9
+    cpu_s = (time.process_time_ns() - cpu_start) / 1e9  # this process's threads, its ZeroMQ I/O thread too
     np.save(out, samples[:n])
-    out.with_suffix(".json").write_text(json.dumps({"num_msgs": n, "window_s": window_s}))
+    out.with_suffix(".json").write_text(json.dumps({"num_msgs": n, "window_s": window_s, "cpu_s": cpu_s}))
     sock.close()
     ctx.term()
 
@@ -126,13 +127,14 @@ def _spawn_workers(
 
 def _collect(procs: list[subprocess.Popen[bytes]], mode: str, tmp: Path) -> dict[str, float]:
     parts: list[np.ndarray] = []
-    msgs_per_s = 0.0
+    msgs_per_s = cpu_s = 0.0
     for i, proc in enumerate(procs):
         if proc.wait() != 0:
             raise RuntimeError(f"{mode} worker {i} failed")
         parts.append(np.load(tmp / f"{mode}-{i}.npy"))
         meta = json.loads((tmp / f"{mode}-{i}.json").read_text())
         msgs_per_s += meta["num_msgs"] / meta["window_s"]
+        cpu_s += meta["cpu_s"]
     samples_us = np.concatenate(parts) / 1000.0
     p50, p99 = np.percentile(samples_us, [50, 99])
     return {
@@ -140,6 +142,7 @@ def _collect(procs: list[subprocess.Popen[bytes]], mode: str, tmp: Path) -> dict
         "p99_us": round(float(p99), 1),
         "msgs_per_s": round(msgs_per_s),
         "num_msgs": len(samples_us),
+        "worker_cpu_us_per_msg": round(cpu_s / len(samples_us) * 1e6, 1),
     }
 
 
@@ -198,9 +201,17 @@ async def bench_daemon(n: int, seconds: float, tmp: Path) -> dict[str, float]:
             )
             for i in range(n)
         ]
+        # The daemon's own CPU (all its threads) over most of the workers' measured window.
+        await asyncio.sleep(0.35)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(max(seconds - 0.2, 0.1))
+        cpu1, wall1 = time.process_time(), time.perf_counter()
         while any(p.poll() is None for p in procs):
             await asyncio.sleep(0.05)
         result = _collect(procs, "daemon", tmp)
+        utilization = (cpu1 - cpu0) / (wall1 - wall0)
+        result["daemon_cpu_cores"] = round(utilization, 2)
+        result["daemon_cpu_us_per_msg"] = round(utilization / result["msgs_per_s"] * 1e6, 1)
         daemon.check()
         for stream in streams:
             stream.abort()
@@ -237,10 +248,16 @@ def main(argv: list[str] | None = None) -> None:
         f"daemon Commit/PageRequest round trip ({args.workers} workers): p50 {result['p50_us']} us, p99 {result['p99_us']} us, {result['msgs_per_s']} msgs/s"
     )
     print(
+        f"CPU per message: daemon {result['daemon_cpu_us_per_msg']} us ({result['daemon_cpu_cores']} cores busy), "
+        f"workers {result['worker_cpu_us_per_msg']} us; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
         f"speedup over baseline: p50 {baseline['p50_us'] / result['p50_us']:.1f}x, p99 {baseline['p99_us'] / result['p99_us']:.1f}x"
     )
     if args.json:
-        print(json.dumps({**result, "workers": args.workers, "prompt_len": PROMPT_LEN, "baseline": baseline}))
+        extra = {"workers": args.workers, "prompt_len": PROMPT_LEN, "cpus": len(os.sched_getaffinity(0))}
+        extra["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        print(json.dumps({**result, **extra, "baseline": baseline}))
 
 
 if __name__ == "__main__":
