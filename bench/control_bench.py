@@ -9,6 +9,9 @@ messages per second (the sum of each worker's replies / its measured window; the
 Baseline in the same run: the same four processes round-trip a msgpack *list* of 4096 ints through a
 ROUTER that decodes it and answers with a list (what the protocol would cost without raw int32 bytes),
 served the straightforward way: a zmq.asyncio recv_multipart / send_multipart loop.
+Transport floor in the same run: the same processes send frames of the Commit's and PageRequest's
+sizes to a blocking ROUTER that answers each with a CommitAck-sized frame, nothing decoded (what
+ZeroMQ ipc:// plus the client loop cost on this machine, with no daemon at all).
 
     python -m bench.control_bench [--json] [--seconds 3] [--workers 4]
 With --json the last line printed is one JSON object with p50_us, p99_us, msgs_per_s (daemon path).
@@ -32,6 +35,9 @@ import zmq
 
 PROMPT_LEN = 4096
 PAGE = 16
+# Encoded sizes of the daemon path's messages and replies (16-byte request ids): Commit of 4096 tokens and
+# 256 pages -> CommitAck, PageRequest(1) -> PagesGranted; the transport floor sends and answers these.
+COMMIT_BYTES, ACK_BYTES, PAGE_REQUEST_BYTES, GRANT_BYTES = 17_472, 1_082, 59, 64
 
 
 # ---------------------------------------------------------------------------------------- worker side
@@ -49,6 +55,8 @@ def run_worker(endpoint: str, mode: str, seconds: float, out: Path, index: int) 
     if mode == "baseline":
         payload = msgspec.msgpack.encode(list(range(index, index + PROMPT_LEN)))
         frames = [payload, payload]
+    elif mode == "echo":
+        frames = [bytes(COMMIT_BYTES), bytes(PAGE_REQUEST_BYTES)]
     else:
         sock.send(
             codec.encode(
@@ -171,6 +179,24 @@ async def bench_baseline(n: int, seconds: float, tmp: Path) -> dict[str, float]:
     return _collect(procs, "baseline", tmp)
 
 
+def bench_echo(n: int, seconds: float, tmp: Path) -> dict[str, float]:
+    """The transport floor: a blocking ROUTER that answers each frame with a reply of the daemon's size for
+    it, no decoding."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    endpoint = f"ipc://{tmp}/echo.sock"
+    sock.bind(endpoint)
+    procs = _spawn_workers(endpoint, "echo", n, seconds, tmp)
+    ack, grant = bytes(ACK_BYTES), bytes(GRANT_BYTES)
+    while any(p.poll() is None for p in procs):
+        if sock.poll(50):
+            identity, data = sock.recv_multipart()
+            sock.send_multipart([identity, ack if len(data) == COMMIT_BYTES else grant])
+    sock.close(linger=0)
+    ctx.term()
+    return _collect(procs, "echo", tmp)
+
+
 async def bench_daemon(n: int, seconds: float, tmp: Path) -> dict[str, float]:
     from cachemgr.cache import Namespace, PrefixCache
     from cachemgr.daemon import Daemon, DaemonSettings
@@ -239,8 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     with tempfile.TemporaryDirectory(prefix="radixkv-bench-") as tmp:
+        floor = bench_echo(args.workers, args.seconds, Path(tmp))
         baseline = uvloop.run(bench_baseline(args.workers, args.seconds, Path(tmp)))
         result = uvloop.run(bench_daemon(args.workers, args.seconds, Path(tmp)))
+    print(
+        f"transport floor, blocking ROUTER echo ({args.workers} workers): p50 {floor['p50_us']} us, p99 {floor['p99_us']} us, {floor['msgs_per_s']} msgs/s"
+    )
     print(
         f"naive msgpack-list round trip ({args.workers} workers): p50 {baseline['p50_us']} us, p99 {baseline['p99_us']} us, {baseline['msgs_per_s']} msgs/s"
     )
@@ -257,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         extra = {"workers": args.workers, "prompt_len": PROMPT_LEN, "cpus": len(os.sched_getaffinity(0))}
         extra["loadavg_1m"] = round(os.getloadavg()[0], 2)
-        print(json.dumps({**result, **extra, "baseline": baseline}))
+        print(json.dumps({**result, **extra, "baseline": baseline, "transport_floor": floor}))
 
 
 if __name__ == "__main__":
