@@ -52,6 +52,14 @@ def check_cache(cache: PrefixCache) -> None:
             node = node.parent
         if node is None or node is not c._roots.get(state_.namespace):
             raise IntegrityError(f"lease {state_.lease_id}: locked node is not in its namespace's tree")
+        expected_locks[node] = expected_locks.get(node, 0) + 1  # a root counts its namespace's leases
+    for ns, root in c._roots.items():
+        if root.lock_count != expected_locks.get(root, 0):
+            raise IntegrityError(
+                f"root of {ns}: lock count {root.lock_count}, leases {expected_locks.get(root, 0)}"
+            )
+        if root.lock_count == 0 and not root.children:
+            raise IntegrityError(f"root of {ns}: empty and idle but kept (namespaces must not accumulate)")
     num_nodes = cached = locked = 0
     heap_seqs = c._heap.valid_seqs()
     for ns, root in c._roots.items():

@@ -9,6 +9,8 @@ Token layout of a node (``pb`` = page_size * 4 bytes, tokens are little-endian i
 
 Lock counts: a lease locks every node from its deepest one up to the namespace root, so a node's
 lock count is at least the sum of its children's. Only unlocked, unpinned leaves are evictable.
+A namespace root's lock count is the number of live leases in its namespace; a root with no children and
+no leases is dropped, so namespaces (cache salts) do not accumulate.
 """
 
 from __future__ import annotations

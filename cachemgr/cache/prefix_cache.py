@@ -171,6 +171,7 @@ class PrefixCache:
             root = self._roots[namespace] = TreeNode(namespace, None, b"", _EMPTY, 0, b"")
             if self._hasher is not None:
                 root.prefix_hashes = np.array([namespace_seed(namespace.model, namespace.salt)], np.uint64)
+        root.lock_count += 1  # a root's lock count is its namespace's number of live leases
         if (isinstance(handle, _MatchHandle) and handle.epoch == self._epoch
                 and handle.namespace == namespace and handle.token_bytes == tb):  # fmt: skip
             path, partial, partial_pages = list(handle.path), handle.partial, handle.partial_pages
@@ -250,6 +251,8 @@ class PrefixCache:
             self._alloc.give_back(owned)
             self._leased_pages -= len(owned)
         state.unregister_pending()
+        node.lock_count -= 1  # ``node`` is the namespace root now
+        self._drop_root_if_idle(node)
         self._heap.compact(self._num_nodes)
 
     # ----------------------------------------------------------------- commit
@@ -421,8 +424,11 @@ class PrefixCache:
                 parent = node.parent
                 assert parent is not None
                 self._detach(node)
-                if not parent.children and parent.lock_count == 0 and parent.pin_count == 0 and parent.parent:
-                    heap.push(parent, priority_of(parent))  # it just became an evictable leaf
+                if not parent.children and parent.lock_count == 0 and parent.pin_count == 0:
+                    if parent.parent is not None:
+                        heap.push(parent, priority_of(parent))  # it just became an evictable leaf
+                    else:
+                        self._drop_root_if_idle(parent)
         self._evictions += evicted
         return evicted
 
@@ -441,6 +447,20 @@ class PrefixCache:
             node.prefix_hashes = node.prefix_hashes[:keep]
             if self._events is not None and removed:
                 self._events.blocks_removed(node.namespace, removed)
+
+    def _drop_root_if_idle(self, root: TreeNode) -> None:
+        """Forget a namespace whose root has no children and no live lease (hence no pins, locks or
+        pending prefixes, which all hang below a child or on a lease).
+
+        Without this, every distinct cache_salt ever seen would keep a root for good: a client sending a
+        fresh salt per request would grow the daemon's memory without bound. A later request in the
+        namespace simply creates a new root.
+        """
+        if root.children or root.lock_count:
+            return
+        assert root.parent is None and root.pending is None
+        del self._roots[root.namespace]
+        self._epoch += 1
 
     def _detach(self, node: TreeNode) -> None:
         parent = node.parent
@@ -469,6 +489,8 @@ class PrefixCache:
                     freed += node.num_pages
                     self._trim(node, 0)
                     self._detach(node)
+        for root in list(self._roots.values()):
+            self._drop_root_if_idle(root)
         if freed and self._cached_pages == 0 and self._events is not None:
             self._events.all_cleared()
         return freed
@@ -497,6 +519,11 @@ class PrefixCache:
             num_nodes=self._num_nodes,
             policy=self.policy.name,
         )
+
+    @property
+    def num_namespaces(self) -> int:
+        """Namespaces with a root now: those with cached pages or a live lease (idle empty ones are dropped)."""
+        return len(self._roots)
 
     def dump(self, max_nodes: int = 200) -> TreeDump:
         """Bounded nested view of the tree (breadth-first, at most ``max_nodes`` nodes)."""
