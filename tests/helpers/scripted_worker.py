@@ -228,7 +228,10 @@ class ScriptedWorker:
             max_tokens=msg.sampling.max_tokens,
             stop_ids=set(msg.sampling.stop_token_ids),
             pages=pages,
-            ready_at=now + self.args.prefill_delay,
+            # Prefill cost grows with the uncached tokens, as on a real GPU: what makes a hit observable.
+            ready_at=now
+            + self.args.prefill_delay
+            + self.args.prefill_delay_per_token * (len(tokens) - msg.matched_len),
         )
 
     # ---------------------------------------------------------------- compute
@@ -304,6 +307,12 @@ def main() -> None:
     parser.add_argument("--max-running", type=int, default=4)
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between output tokens")
     parser.add_argument("--prefill-delay", type=float, default=0.0, help="seconds before the prompt commit")
+    parser.add_argument(
+        "--prefill-delay-per-token",
+        type=float,
+        default=0.0,
+        help="extra prefill seconds per uncached prompt token (added to --prefill-delay)",
+    )
     parser.add_argument("--crash-after", type=int, default=0, help="SIGKILL itself after N output tokens")
     parser.add_argument("--log", default="", help="append JSON lines of events here")
     args = parser.parse_args()
