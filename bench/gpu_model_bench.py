@@ -181,8 +181,7 @@ def path_figures(
     cached_ms = runner.time_forward(tokens[10_000:], 10_000, reps=20)
     cached_issue_ms = host_issue_ms(lambda: runner.forward(tokens[10_000:], 10_000))
     host_costs = host_costs_us(spec, runner)
-    graphed = graphed_cached_ms(model, runner, tokens, "fa2") if fused else None
-    graphed_fa3 = graphed_cached_ms(model, runner, tokens, "fa3") if fused else None
+    graphed = graphed_cached_ms(model, runner, tokens) if fused else None
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
         spec.vocab_size * spec.hidden_size * 2  # the embedding table is gathered, not read whole
     )
@@ -208,20 +207,17 @@ def path_figures(
         # and plan() included).
         "cached_graph_ms": graphed,
         "cached_graph_speedup": cold10k_ms / graphed if graphed else None,
-        "cached_graph_fa3_ms": graphed_fa3,
         "host_us_per_call": host_costs,
         "target_cached_speedup": 40.0,
         "weight_read_floor_ms": weight_bytes / (copy_ceiling_tbps * 1e12) * 1e3,
     }
 
 
-def graphed_cached_ms(model: LlamaModel, runner: Runner, tokens: torch.Tensor, backend: str) -> float:
+def graphed_cached_ms(model: LlamaModel, runner: Runner, tokens: torch.Tensor) -> float:
     """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph."""
     from computeworker.model.cuda_runner import CudaModelRunner
 
-    cuda = CudaModelRunner(
-        model, max_graph_batch=1, extend_batch_sizes=(1,), extend_token_buckets=(128,), extend_backend=backend
-    )
+    cuda = CudaModelRunner(model, max_graph_batch=1, extend_batch_sizes=(1,), extend_token_buckets=(128,))
     cuda.bind(runner.pool, runner.attn)
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()

@@ -22,12 +22,7 @@ import torch
 
 from computeworker.model.batch import AttentionBackend, ForwardBatch
 from computeworker.model.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from computeworker.model.extend_graphs import (
-    DEFAULT_BACKEND,
-    DEFAULT_BATCH_SIZES,
-    DEFAULT_TOKEN_BUCKETS,
-    ExtendGraphs,
-)
+from computeworker.model.extend_graphs import DEFAULT_BATCH_SIZES, DEFAULT_TOKEN_BUCKETS, ExtendGraphs
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.llama import LlamaModel
 from computeworker.model.llama_cuda import LlamaCudaForward, fused_path_applies
@@ -44,8 +39,7 @@ class CudaModelRunner:
     hold: `bind` before serving from a pool, for graphs to be used; one thread at a time.
 
     extend_batch_sizes / extend_token_buckets: the (sequences, padded new tokens) shapes captured for
-    prefill steps; () for either turns extend graphs off. extend_backend: FlashInfer prefill backend of
-    those graphs (see computeworker.model.extend_graphs.DEFAULT_BACKEND)."""
+    prefill steps; () for either turns extend graphs off."""
 
     def __init__(
         self,
@@ -55,7 +49,6 @@ class CudaModelRunner:
         max_graph_batch: int = 16,
         extend_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
         extend_token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS,
-        extend_backend: str = DEFAULT_BACKEND,
     ) -> None:
         if max_graph_batch < 1:
             raise ValueError(f"max_graph_batch must be >= 1, got {max_graph_batch}")
@@ -65,7 +58,6 @@ class CudaModelRunner:
         self.max_graph_batch = max_graph_batch
         self.extend_batch_sizes = extend_batch_sizes
         self.extend_token_buckets = extend_token_buckets
-        self.extend_backend = extend_backend
         self._graphs: DecodeGraphs | None = None
         self._extend: ExtendGraphs | None = None
         self.num_graph_steps = 0  # decode steps replayed from a graph (tests and logs read it)
@@ -146,7 +138,6 @@ class CudaModelRunner:
                     max_pages_per_seq=-(-spec.max_position_embeddings // page_size) + 1,
                     batch_sizes=self.extend_batch_sizes,
                     token_buckets=self.extend_token_buckets,
-                    backend=self.extend_backend,
                 )
                 graphs_s += extend.capture(scratch)
                 self._extend = extend

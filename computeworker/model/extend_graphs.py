@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_BUCKETS = (128, 256, 512)
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4)
-# FA2's planner splits a long KV across CTAs and packs a GQA group's query heads into one tile; FA3
-# gives each (sequence, head, 128-row tile) one CTA and never splits KV: a 100-token step over 10k
-# cached tokens then keeps 32 of 132 SMs busy.
-DEFAULT_BACKEND = "fa2"
 
 
 def pick_bucket(num_tokens: int, buckets: tuple[int, ...]) -> int | None:
@@ -99,9 +95,7 @@ class ExtendGraphs:
         max_pages_per_seq: int,
         batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
         token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS,
-        backend: str = DEFAULT_BACKEND,
     ) -> None:
-        """backend: FlashInfer's prefill backend for these graphs ("fa2" or "fa3")."""
         import flashinfer
 
         if not batch_sizes or min(batch_sizes) < 1:
@@ -127,7 +121,7 @@ class ExtendGraphs:
                     wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                         attention.workspace,
                         "NHD",
-                        backend=backend,
+                        backend=attention.prefill_backend,
                         use_cuda_graph=True,
                         qo_indptr_buf=torch.zeros(bs + 1, **i32),
                         paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
