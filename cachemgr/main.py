@@ -25,7 +25,7 @@ import zmq.asyncio
 from cachemgr.config import DaemonConfig, build_config
 from cachemgr.daemon import Daemon
 from shared.kv_layout import KVLayout
-from shared.pool import OwnedPool, create_pool
+from shared.pool import OwnedPool, create_pool, daemon_pool_name, remove_stale_daemon_pools
 
 logger = logging.getLogger("cachemgr")
 
@@ -110,10 +110,13 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    if config.pool_kind == "shm":
+        for path in remove_stale_daemon_pools(os.getuid()):
+            logger.warning("removed %s, the pool of a daemon that died without cleaning up", path)
     pool: OwnedPool = create_pool(
         layout,
         config.pool_kind,
-        name=f"{os.getuid()}-{os.getpid()}",
+        name=daemon_pool_name(os.getuid(), os.getpid()),
         device=config.device,
         generation=time.time_ns(),
     )

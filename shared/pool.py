@@ -156,6 +156,36 @@ class MappedPool:
             self._ipc_ptr = 0
 
 
+def daemon_pool_name(uid: int, pid: int) -> str:
+    """The pool name a daemon uses: its uid and pid, so a crashed daemon's file can be recognised."""
+    return f"{uid}-{pid}"
+
+
+def remove_stale_daemon_pools(uid: int, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Unlink the shm pools of ``uid``'s daemons whose process is gone (killed with SIGKILL, OOM-killed),
+    which could not remove their own file. A pool whose daemon still runs is kept. Pids are compared in
+    this process's pid namespace: daemons sharing /dev/shm must share it too (compose: ``pid: host``)."""
+    removed = []
+    pattern = re.compile(rf"radixkv-{uid}-(\d+)\.kv")
+    for path in shm_dir.glob(f"radixkv-{uid}-*.kv"):
+        found = pattern.fullmatch(path.name)
+        if found is None or _pid_alive(int(found.group(1))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
 def create_pool(
     layout: KVLayout, kind: str, *, name: str, device: str | int = 0, generation: int = 0
 ) -> OwnedPool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -10,7 +12,14 @@ import pytest
 import torch
 
 from shared.kv_layout import KVLayout
-from shared.pool import create_pool, layout_of, map_pool, parse_size
+from shared.pool import (
+    create_pool,
+    daemon_pool_name,
+    layout_of,
+    map_pool,
+    parse_size,
+    remove_stale_daemon_pools,
+)
 
 LAYOUT = KVLayout(num_layers=3, num_pages=5, page_size=4, num_kv_heads=2, head_dim=2, dtype="float32")
 
@@ -90,3 +99,20 @@ def test_parse_size(text: str, expected: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_stale_pools_of_dead_daemons_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    uid = os.getuid()
+    stale = tmp_path / f"radixkv-{uid}-{dead.pid}.kv"
+    live = tmp_path / f"radixkv-{uid}-{os.getpid()}.kv"
+    other_uid = tmp_path / f"radixkv-{uid + 1}-{dead.pid}.kv"
+    not_a_daemon = tmp_path / f"radixkv-wrt-{dead.pid}.kv"
+    for path in (stale, live, other_uid, not_a_daemon):
+        path.write_bytes(b"x")
+    assert remove_stale_daemon_pools(uid, tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (live, other_uid, not_a_daemon)
+    )
+    assert daemon_pool_name(uid, 42) == f"{uid}-42"
