@@ -13,6 +13,9 @@ socket (recv, send, reading EVENTS) may consume that signal. Hence two rules:
   wait for a signal that may never come), and
 - a send made outside a drain (dispatch, a late PagesGranted, shutdown) re-checks EVENTS and schedules a
   drain if a message became readable meanwhile.
+
+A watchdog re-checks EVENTS every 50 ms besides, so a signal lost any other way delays frames by at most
+that much instead of stalling the socket (the hostile-frame fuzzer once caught such a stall).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 # MAX_FRAME_BYTES and this hard cap get a TOO_LARGE reply so a buggy worker learns why.
 HARD_MAX_BYTES = MAX_FRAME_BYTES + (1 << 20)
 _DRAIN_BATCH = 256  # messages handled per wake-up before other loop callbacks get a turn
+_WATCHDOG_S = 0.05  # a missed FD signal can delay a frame by at most this much
 
 # Plain ints: pyzmq's flag enums cost an enum.__or__ per combination on every call.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -67,6 +71,7 @@ class WorkerLink:
         self._fd: int = self._socket.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._draining = False
         self._drain_scheduled = False
+        self._watchdog_handle: asyncio.TimerHandle | None = None
         self.num_bad_messages = 0
 
     def start(self) -> None:
@@ -75,8 +80,12 @@ class WorkerLink:
         loop.add_reader(self._fd, self._drain)
         # Frames that arrived before the reader existed may have consumed the FD's signal already.
         self._schedule_drain()
+        self._watchdog_handle = loop.call_later(_WATCHDOG_S, self._watchdog)
 
     async def close(self) -> None:
+        if self._watchdog_handle is not None:
+            self._watchdog_handle.cancel()
+            self._watchdog_handle = None
         if self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._loop = None
@@ -105,27 +114,43 @@ class WorkerLink:
             self._loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        """Handle queued messages until EAGAIN, or _DRAIN_BATCH of them and then come back soon."""
+        """Handle queued messages until EAGAIN, or _DRAIN_BATCH of them and then come back soon.
+
+        Leaving before EAGAIN without scheduling another drain would stall the socket for good: while
+        frames are queued, libzmq signals nothing new on the FD. So every early exit reschedules."""
         self._drain_scheduled = False
         sock = self._socket
         if sock.closed:
             return
         recv, getsockopt = sock.recv, sock.getsockopt
         self._draining = True
+        exhausted = False
         try:
             for _ in range(_DRAIN_BATCH):
                 try:
                     identity = recv(_NOBLOCK)
                 except zmq.Again:
+                    exhausted = True
                     return
                 data = recv(_NOBLOCK)  # ROUTER: the identity frame is always followed by a body frame
                 if getsockopt(_RCVMORE):
                     self._refuse_multipart(identity)
                 else:
                     self._on_message(identity, data)
+        except Exception:
+            logger.exception("reading the worker socket failed; reading on")
         finally:
             self._draining = False
-        self._schedule_drain()  # batch used up: more may be queued behind a signal already consumed
+            if not exhausted:
+                self._schedule_drain()
+
+    def _watchdog(self) -> None:
+        """Belt and braces for the edge-like FD: re-check for readable frames every _WATCHDOG_S."""
+        if self._loop is None or self._socket.closed:
+            return
+        if not self._draining and not self._drain_scheduled and self._socket.getsockopt(_EVENTS) & _POLLIN:
+            self._schedule_drain()
+        self._watchdog_handle = self._loop.call_later(_WATCHDOG_S, self._watchdog)
 
     def _refuse_multipart(self, identity: bytes) -> None:
         num_body_frames = 1
