@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -131,14 +132,22 @@ class _Api:
         return Namespace(model=self.model_name, salt=self.access.cache_salt(api_key, client_salt))
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 async def _json_body(request: web.Request) -> Any:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, "The request body is too large.", code="request_too_large") from None
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw)
+        if _SURROGATE_ESCAPE.search(raw):
+            # json.loads accepts an escaped lone UTF-16 surrogate ("\udc80"); such a string cannot be
+            # encoded again (tokenizers, salt hashing), so refuse it here. Pairs were joined by loads.
+            json.dumps(body, ensure_ascii=False).encode()
+        return body
+    except (ValueError, UnicodeError):
         raise bad_request("We could not parse the JSON body of your request.", code="invalid_json") from None
 
 

@@ -49,7 +49,9 @@ class AccessPolicy:
         candidate = candidate.strip()
         if scheme.lower() != "bearer" or not candidate:
             raise unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
-        given = candidate.encode()
+        # Header bytes that are not UTF-8 arrive as lone surrogates (surrogateescape): compare the raw
+        # bytes, which match no key, rather than fail to encode them (that was a 500).
+        given = candidate.encode("utf-8", "surrogateescape")
         matched: str | None = None
         for key in sorted(self.api_keys):
             if hmac.compare_digest(given, key.encode()):

@@ -13,6 +13,7 @@ from cachemgr.http.errors import bad_request
 from shared.protocol import SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_CACHE_SALT_CHARS = 256
 MAX_TOKEN_ID_PROMPT = 1 << 20  # longer than any context we serve; refused before touching the daemon
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -175,9 +176,18 @@ def _common(body: dict[str, Any], max_field: str) -> CommonParams:
         ignore_eos=_opt(body, "ignore_eos", bool, False),
         stream=stream,
         include_usage=stream and include_usage,
-        cache_salt=_opt(body, "cache_salt", str, ""),
+        cache_salt=_cache_salt(body),
         user=_opt(body, "user", str, None),
     )
+
+
+def _cache_salt(body: dict[str, Any]) -> str:
+    # A namespace root keeps its salt while it holds pages: a megabyte salt per cached page would
+    # multiply the daemon's memory, so salts are capped (a hex digest or a UUID is far shorter).
+    salt = _opt(body, "cache_salt", str, "")
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise bad_request(f"cache_salt must be at most {MAX_CACHE_SALT_CHARS} characters", param="cache_salt")
+    return salt
 
 
 def _is_int(value: Any) -> bool:
