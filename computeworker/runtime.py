@@ -31,6 +31,7 @@ from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.stop import DetokenizerSource
 from computeworker.model.batch import AttentionBackend
 from shared.pool import MappedPool, map_pool
+from shared.process_identity import pid_namespace_id
 from shared.protocol import (
     PROTOCOL_VERSION,
     Abort,
@@ -144,6 +145,7 @@ class WorkerRuntime:
         msg = Register(
             protocol_version=PROTOCOL_VERSION,
             pid=os.getpid(),
+            pid_namespace=pid_namespace_id(),
             device=self._config.device,
             max_running=self._config.max_running,
             model=self._info.name,

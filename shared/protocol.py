@@ -97,6 +97,7 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
     max_running: int  # requests it batches at once
     model: str
     name: str = ""
+    pid_namespace: int = 0  # shared.process_identity.pid_namespace_id(); 0 = unknown
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", forbid_unknown_fields=True):

@@ -231,6 +231,11 @@ class PrefixCache:
         self._leased_pages += num_pages
         return pages
 
+    def cancel_pending(self, lease_id: int) -> None:
+        """Stop reporting the lease's pending prefix (its request moved elsewhere); locks and pages stay.
+        Raises ValueError for an unknown lease."""
+        self._lease(lease_id).unregister_pending()
+
     def release(self, lease_id: int) -> None:
         """Unlock the lease's path, free its uncommitted pages, drop its pending registration."""
         state = self._lease(lease_id)

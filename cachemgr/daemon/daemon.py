@@ -258,8 +258,11 @@ class Daemon:
         requests = self._scheduler.requests
         leased = [r for r in requests.values() if r.lease_id is not None]
         num_leases = self.cache.stats().num_leases
-        if num_leases != len(leased):
-            raise DaemonIntegrityError(f"cache has {num_leases} leases, requests hold {len(leased)}")
+        num_quarantined = len(self._scheduler.quarantine)
+        if num_leases != len(leased) + num_quarantined:
+            raise DaemonIntegrityError(
+                f"cache has {num_leases} leases, requests hold {len(leased)}, {num_quarantined} quarantined"
+            )
         for req in leased:
             if not self.cache.has_lease(req.lease_id):
                 raise DaemonIntegrityError(
@@ -285,6 +288,7 @@ class Daemon:
         period = self.settings.heartbeat_interval_s / 2
         while True:
             await asyncio.sleep(period)
+            self._scheduler.release_quarantined()
             for worker in self._workers.stale(self.settings.heartbeat_timeout_s):
                 try:
                     self._messages.drop_worker(worker, f"no message for {self.settings.heartbeat_timeout_s}s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from cachemgr.daemon.scheduler import Scheduler
 from cachemgr.daemon.state import RequestState, WorkerState, pack_ids, wait_until
 from cachemgr.daemon.stream import StreamEvent
 from shared.ids import bytes_to_ids
+from shared.process_identity import process_alive
 from shared.protocol import (
     PROTOCOL_VERSION,
     Commit,
@@ -81,7 +83,10 @@ class WorkerMessages:
         """Forget a worker and resume its requests elsewhere."""
         logger.warning("worker %d (pid %d) gone: %s", worker.worker_id, worker.pid, why)
         self.s.workers.remove(worker)
-        self.s.redispatch_all(worker, why)
+        # Silent is not dead: a stalled worker may wake up and finish writing its pages. While its process
+        # lives, those pages must not go to anyone else.
+        may_write = worker.same_pid_namespace and worker.pid != os.getpid() and process_alive(worker.pid)
+        self.s.redispatch_all(worker, why, quarantine_pid=worker.pid if may_write else None)
 
     async def close(self) -> None:
         for task in list(self._page_waits):

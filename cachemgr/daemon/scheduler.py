@@ -30,6 +30,7 @@ from cachemgr.daemon.state import RequestState, Signal, WorkerState, wait_until
 from cachemgr.daemon.stream import StreamEvent
 from cachemgr.daemon.workers import WorkerRegistry
 from shared.ids import ids_to_bytes
+from shared.process_identity import process_alive
 from shared.protocol import Abort, Dispatch, FinishReason
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Scheduler:
         self.requests: dict[bytes, RequestState] = {}
         self.pages_freed = Signal()
         self._lease_events: dict[int, asyncio.Event] = {}
+        self.quarantine: dict[int, tuple[int, float]] = {}  # lease id -> (pid that may write, deadline)
         self.num_waiting = 0  # accepted, not yet on a worker (the bounded queue)
         self.counters = dict.fromkeys(
             ("requests_total", "requests_finished", "requests_failed", "requests_aborted", "redispatches"), 0
@@ -222,11 +224,29 @@ class Scheduler:
                 self.settings.heartbeat_timeout_s, self.finish, req, FinishReason.ABORT
             )
 
-    def redispatch_all(self, worker: WorkerState, why: str) -> None:
+    def redispatch_all(self, worker: WorkerState, why: str, *, quarantine_pid: int | None = None) -> None:
         """The worker is gone: release its leases (unwritten pages go back to free) and resume each of
-        its requests elsewhere."""
+        its requests elsewhere. With ``quarantine_pid`` (the process may still be writing), its leases
+        are kept, with no pending prefixes, until that process is gone (``release_quarantined``)."""
+        deadline = time.monotonic() + self.settings.worker_hung_timeout_s
         for request_id in list(worker.request_ids):
-            self.redispatch(self.requests[request_id], why)
+            req = self.requests[request_id]
+            if quarantine_pid is not None and req.lease_id is not None:
+                lease_id, req.lease_id = req.lease_id, None
+                self.cache.cancel_pending(lease_id)
+                self.quarantine[lease_id] = (quarantine_pid, deadline)
+                self.lease_committed(lease_id, 0)  # wake requests waiting for its pending prefix
+            self.redispatch(req, why)
+
+    def release_quarantined(self) -> None:
+        """Release quarantined leases whose process is gone (or that waited worker_hung_timeout_s)."""
+        if not self.quarantine:
+            return
+        now = time.monotonic()
+        for lease_id, (pid, deadline) in list(self.quarantine.items()):
+            if now >= deadline or not process_alive(pid):
+                del self.quarantine[lease_id]
+                self._release_lease(lease_id)
 
     def redispatch(self, req: RequestState, why: str) -> None:
         """Resume a request on another worker from its last streamed token: the new attempt's tokens are

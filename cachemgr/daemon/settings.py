@@ -14,13 +14,16 @@ class DaemonSettings:
     worker declares it dead. max_queue bounds requests accepted but not yet on a worker (Overloaded
     beyond). page_wait_timeout_s bounds how long a request (or a PageRequest) waits for free pages;
     worker_wait_timeout_s how long an accepted request waits for a worker with capacity.
-    decode_page_chunk: pages handed out per decode chunk. max_attempts: dispatches per request before a
+    worker_hung_timeout_s: a worker dropped for silence whose process is still alive on this host (same
+    pid namespace) may still write its pages, so its leases are quarantined, not released, until the
+    process is gone or this long has passed; its requests resume elsewhere at once. decode_page_chunk: pages handed out per decode chunk. max_attempts: dispatches per request before a
     request whose workers keep dying fails.
     """
 
     endpoint: str
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
+    worker_hung_timeout_s: float = 60.0
     max_queue: int = 256
     page_wait_timeout_s: float = 30.0
     worker_wait_timeout_s: float = 30.0
@@ -38,6 +41,8 @@ class DaemonSettings:
         for name in ("max_queue", "decode_page_chunk", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.worker_hung_timeout_s < self.heartbeat_timeout_s:
+            raise ValueError("worker_hung_timeout_s must be at least heartbeat_timeout_s")
         for name in ("page_wait_timeout_s", "worker_wait_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

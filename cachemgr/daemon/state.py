@@ -61,6 +61,7 @@ class WorkerState:
     model: str
     registered_at: float
     last_seen: float
+    same_pid_namespace: bool = False  # its pid can be checked from here (shared.process_identity)
     request_ids: set[bytes] = field(default_factory=set)  # dispatched here and not finished
     reported_running: int = 0
     reported_waiting: int = 0

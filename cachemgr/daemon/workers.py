@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 
 from cachemgr.daemon.state import Signal, WorkerState
+from shared.process_identity import pid_namespace_id
 from shared.protocol import Register
 
 
@@ -42,6 +43,7 @@ class WorkerRegistry:
             model=reg.model,
             registered_at=now,
             last_seen=now,
+            same_pid_namespace=reg.pid_namespace != 0 and reg.pid_namespace == pid_namespace_id(),
         )
         self._next_id += 1
         self._by_identity[identity] = worker

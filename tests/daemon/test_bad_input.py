@@ -118,7 +118,9 @@ async def test_oversize_frame_is_refused_unread(daemon: Daemon, raw: RawWorker) 
     await raw.send_raw(b"\x00" * (MAX_FRAME_BYTES + 1))
     reply = await raw.expect_error(ErrorCode.TOO_LARGE)
     assert reply.message == f"frame of {MAX_FRAME_BYTES + 1} bytes > {MAX_FRAME_BYTES}"
-    assert snapshot(daemon) == before
+    # Pages and leases unchanged. (Moving 64 MiB can outlast the 0.6 s heartbeat timeout on a loaded
+    # box, and this raw worker sends no heartbeats, so whether it is still registered is not the point.)
+    assert snapshot(daemon)[:4] == before[:4]
     daemon.check()
 
 

@@ -119,6 +119,33 @@ async def test_sigkilled_worker_request_finishes_elsewhere_without_duplicates(
     daemon.check()
 
 
+async def test_stalled_worker_pages_stay_quarantined_until_its_process_is_gone(
+    daemon: Daemon, procs: ProcessGroup
+) -> None:
+    """A silent worker whose process is alive (here: SIGSTOPped) is dropped and its request resumes
+    elsewhere, but its pages are not handed out again while it could still wake up and write them."""
+    stalled = procs.start_worker(daemon.endpoint, "w0", "--token-delay", "0.05")
+    await wait_until(lambda: daemon.stats()["workers"] == 1)
+    stream = await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=12))
+    await stream.dispatched()
+    await asyncio.sleep(0.1)
+    owned = set(daemon.cache.lease_owned_pages(daemon.leases_info()[0]["lease_id"]).tolist())
+    stalled.send_signal(signal.SIGSTOP)
+    await start_workers(daemon, procs, ("--token-delay", "0.01"))  # w0 is still registered: "w0" again
+    assert await collect(stream) == expected_output(PROMPT, 12)
+    assert daemon.stats()["workers"] == 1 and daemon.stats()["redispatches"] == 1
+    assert daemon.cache.stats().num_leases == 1  # the stalled worker's lease, quarantined
+    daemon.check()
+    follow_up = await daemon.submit(NS, list(range(50, 90)), SamplingParams(max_tokens=2))
+    await collect(follow_up)
+    second = dispatches(procs)[-1]
+    assert owned.isdisjoint(second["new_page_ids"])  # never given to anyone else meanwhile
+    stalled.kill()
+    stalled.wait()
+    await wait_until(lambda: daemon.cache.stats().num_leases == 0)
+    daemon.check()
+
+
 async def test_abort_tells_the_worker_and_releases(daemon: Daemon, procs: ProcessGroup) -> None:
     await start_workers(daemon, procs, ("--token-delay", "0.05"))
     stream = await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=50))

@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from shared.ids import bytes_to_ids, ids_to_bytes
+from shared.process_identity import pid_namespace_id
 from shared.protocol import (
     PROTOCOL_VERSION,
     Abort,
@@ -111,6 +112,7 @@ class ScriptedWorker:
             Register(
                 protocol_version=PROTOCOL_VERSION,
                 pid=os.getpid(),
+                pid_namespace=pid_namespace_id(),
                 device="cpu",
                 max_running=self.args.max_running,
                 model=self.args.model,
@@ -219,6 +221,7 @@ class ScriptedWorker:
             prefix_ok=prefix_ok,
             num_prefix_pages=len(prefix),
             num_new_pages=len(new),
+            new_page_ids=new,
         )
         now = time.monotonic()
         self.requests[msg.request_id] = _Req(
