@@ -24,6 +24,7 @@ from shared.protocol import (
     CommitAck,
     ErrorCode,
     Finished,
+    FinishReason,
     Generated,
     Goodbye,
     Heartbeat,
@@ -269,4 +270,9 @@ class WorkerMessages:
                 self.s.link.reply_error(
                     worker.identity, exc.code, f"final commit refused: {exc}", msg.request_id
                 )
+        if msg.reason is FinishReason.ABORT and not req.aborted:
+            # The worker gave up a request nobody aborted (an error on its side): that is the worker's
+            # failure, not the client's answer. Resume it elsewhere (bounded by max_attempts).
+            self.s.redispatch(req, f"worker {worker.worker_id} gave it up")
+            return
         self.s.finish(req, msg.reason, msg.stop_text)

@@ -194,6 +194,9 @@ class ScriptedWorker:
         elif isinstance(msg, ErrorReply):
             self.log("error", code=msg.code.value, message=msg.message, request_id=msg.request_id.hex())
             if msg.code is ErrorCode.NOT_REGISTERED:
+                # The daemon dropped us (silent too long) and resumed our requests elsewhere: forget
+                # them, as the real worker does, and start a new session.
+                self.requests.clear()
                 self.register()
             elif msg.request_id in self.requests:
                 # As the real engine does: out of pages ends the request (LENGTH), anything else aborts
