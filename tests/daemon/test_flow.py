@@ -111,7 +111,10 @@ async def test_sigkilled_worker_request_finishes_elsewhere_without_duplicates(
     assert [t for chunk in received for t in chunk] == expected_output(PROMPT, 10)
     d1, d2 = dispatches(procs)
     assert (d1["worker"], d1["attempt"], d2["worker"], d2["attempt"]) == ("w0", 0, "w1", 1)
-    assert d2["prompt_len"] == 10 + 3  # resumed after the 3 tokens the client already has
+    # Resumed after the tokens the client already has: the worker sent 3 before its SIGKILL, but the
+    # last frame can die with it, unflushed in its ZeroMQ I/O thread. No token is lost or repeated
+    # either way (the output assertion above).
+    assert d2["prompt_len"] in (10 + 2, 10 + 3)
     assert d2["matched_len"] == 8 and d2["prefix_ok"]
     stats = daemon.stats()
     assert (stats["workers"], stats["redispatches"], stats["requests_finished"]) == (1, 1, 1)
