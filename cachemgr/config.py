@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from cachemgr.admin.server import MIN_TOKEN_LEN
 from cachemgr.cache import DEFAULT_POLICY, POLICIES
 from cachemgr.daemon.settings import DaemonSettings
 from shared.pool import parse_size
@@ -204,8 +205,8 @@ class DaemonConfig:
             raise ValueError(
                 f"eviction policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}"
             )
-        if self.admin_tcp_port is not None and not self.admin_token:
-            raise ValueError("--admin-tcp-port needs --admin-token")
+        if self.admin_tcp_port is not None and len(self.admin_token) < MIN_TOKEN_LEN:
+            raise ValueError(f"--admin-tcp-port needs --admin-token (at least {MIN_TOKEN_LEN} characters)")
         self.daemon_settings()  # validates the worker-channel options
 
     @property

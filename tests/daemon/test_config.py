@@ -62,6 +62,7 @@ def test_gpu_device_picks_cuda_ipc_and_bfloat16() -> None:
         ),
         (["--worker-endpoint", "udp://x"], {}, "ipc:// or tcp://"),
         (["--admin-tcp-port", "9999"], {}, "needs --admin-token"),
+        (["--admin-tcp-port", "9999", "--admin-token", "fifteen-chars!!"], {}, "at least 16 characters"),
         ([], {"RADIXKV_KV_BUDGET": "huge"}, "RADIXKV_KV_BUDGET"),
         (["--kv-dtype", "int8"], {}, "kv dtype"),
         (["--eviction-policy", "random"], {}, "eviction policy"),
