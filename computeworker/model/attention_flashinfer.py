@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,6 +63,14 @@ def pick_prefill_backend(device: torch.device, head_dim: int) -> str:
     """ "fa3" on Hopper (compute capability 9.x) for the head dims FA3 instantiates, else "fa2"."""
     major, _ = torch.cuda.get_device_capability(device)
     return "fa3" if major == 9 and head_dim in _FA3_HEAD_DIMS else "fa2"
+
+
+def qo_indptr_of(q_lens: tuple[int, ...]) -> torch.Tensor:
+    """[len(q_lens) + 1] int32 host cumulative sums of the new-token counts, starting at 0."""
+    out = [0]
+    for n in q_lens:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
 
 
 def host_page_table(kv_lens: tuple[int, ...], page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +145,7 @@ class FlashInferAttention:
     def begin(self, batch: ForwardBatch) -> None:
         """Plan the kernels for `batch` (host work plus small host-to-device copies; no GPU sync)."""
         s = self.shape
-        kv_indptr, last_page_len = host_page_table(batch.kv_lens, s.page_size)
-        num_pages = int(kv_indptr[-1])
+        num_pages = sum(-(-n // s.page_size) for n in batch.kv_lens)
         if int(batch.kv_page_ids.shape[0]) != num_pages:
             raise ValueError(
                 f"kv_page_ids holds {int(batch.kv_page_ids.shape[0])} pages, kv_lens need {num_pages}"
@@ -146,42 +154,55 @@ class FlashInferAttention:
             raise ValueError(f"q_lens {batch.q_lens} exceed kv_lens {batch.kv_lens}")
         page_ids = batch.kv_page_ids.to(self.device, torch.int32, non_blocking=True)
         if batch.is_decode:
-            self._decode.plan(
-                kv_indptr,
-                page_ids,
-                last_page_len,
-                s.num_qo_heads,
-                s.num_kv_heads,
-                s.head_dim,
-                s.page_size,
-                q_data_type=self.dtype,
-                kv_data_type=self.dtype,
-                sm_scale=self.sm_scale,
-            )
+            self.plan_decode(self._decode, batch.kv_lens, page_ids)
         else:
-            qo_indptr = [0]
-            for n in batch.q_lens:
-                qo_indptr.append(qo_indptr[-1] + n)
-            self._prefill.plan(
-                torch.tensor(qo_indptr, dtype=torch.int32),
-                kv_indptr,
-                page_ids,
-                last_page_len,
-                s.num_qo_heads,
-                s.num_kv_heads,
-                s.head_dim,
-                s.page_size,
-                causal=True,
-                sm_scale=self.sm_scale,
-                q_data_type=self.dtype,
-                kv_data_type=self.dtype,
-            )
+            self.plan_prefill(self._prefill, qo_indptr_of(batch.q_lens), batch.kv_lens, page_ids)
         self._planned_decode = batch.is_decode
         self._planned = True
         write_pages = batch.write_page_ids.to(self.device, torch.int64, non_blocking=True)
         write_slots = batch.write_slots.to(self.device, torch.int64, non_blocking=True)
         self._k_rows = write_pages * (2 * s.page_size) + write_slots
         self._v_rows = self._k_rows + s.page_size
+
+    def plan_decode(self, wrapper: Any, kv_lens: tuple[int, ...], page_ids: torch.Tensor) -> None:
+        """Plan a decode wrapper (this backend's, or a CUDA-graph one sharing its settings) for one new
+        token per sequence over ``page_ids`` (int32, on the device)."""
+        s = self.shape
+        kv_indptr, last_page_len = host_page_table(kv_lens, s.page_size)
+        wrapper.plan(
+            kv_indptr,
+            page_ids,
+            last_page_len,
+            s.num_qo_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            s.page_size,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+            sm_scale=self.sm_scale,
+        )
+
+    def plan_prefill(
+        self, wrapper: Any, qo_indptr: torch.Tensor, kv_lens: tuple[int, ...], page_ids: torch.Tensor
+    ) -> None:
+        """Plan a prefill wrapper (this backend's, or a CUDA-graph one) for causal attention of the new
+        tokens (``qo_indptr``, int32 on the host) over each sequence's whole KV."""
+        s = self.shape
+        kv_indptr, last_page_len = host_page_table(kv_lens, s.page_size)
+        wrapper.plan(
+            qo_indptr,
+            kv_indptr,
+            page_ids,
+            last_page_len,
+            s.num_qo_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            s.page_size,
+            causal=True,
+            sm_scale=self.sm_scale,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
 
     def forward(
         self,

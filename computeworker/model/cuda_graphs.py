@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention, host_page_table
+from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -214,17 +214,4 @@ class DecodeGraphs:
         return slot.logits[:n]
 
     def _plan(self, slot: _Slot, kv_lens: tuple[int, ...], page_ids: torch.Tensor) -> None:
-        s, a = self.shape, self._attention
-        indptr, last_page_len = host_page_table(kv_lens, s.page_size)
-        slot.wrapper.plan(  # type: ignore[attr-defined]
-            indptr,
-            page_ids,
-            last_page_len,
-            s.num_qo_heads,
-            s.num_kv_heads,
-            s.head_dim,
-            s.page_size,
-            q_data_type=a.dtype,
-            kv_data_type=a.dtype,
-            sm_scale=a.sm_scale,
-        )
+        self._attention.plan_decode(slot.wrapper, kv_lens, page_ids)

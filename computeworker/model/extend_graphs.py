@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from computeworker.model.attention_flashinfer import FlashInferAttention, host_page_table
+from computeworker.model.attention_flashinfer import FlashInferAttention, qo_indptr_of
 from computeworker.model.batch import ForwardBatch
 from computeworker.model.cuda_graphs import ForwardFn, GraphAttention
 
@@ -171,7 +171,7 @@ class ExtendGraphs:
             # Capture-time pages cycle through the scratch pool: reading repeats is harmless, and the
             # write rows (all zero here) only ever land in the scratch pool.
             page_ids = torch.arange(num_pages, dtype=torch.int32, device=self._attention.device) % num_scratch
-            qo_indptr = _indptr(s.q_lens)
+            qo_indptr = qo_indptr_of(s.q_lens)
             s.qo_indptr.copy_(qo_indptr)
             self._plan(slot, qo_indptr, s.kv_lens, page_ids)
             attn = GraphAttention(slot.wrapper, slot.k_rows, slot.v_rows, self.shape)
@@ -206,7 +206,7 @@ class ExtendGraphs:
         slot = self._slots[(n, bucket)]
         if slot.graph is None or slot.logits is None:
             raise ValueError("capture() first")
-        self._plan(slot, _indptr(batch.q_lens), batch.kv_lens, batch.kv_page_ids)
+        self._plan(slot, qo_indptr_of(batch.q_lens), batch.kv_lens, batch.kv_page_ids)
         static, ps = slot.batch, self.shape.page_size
         static.qo_indptr.copy_(batch.qo_indptr, non_blocking=True)
         static.input_ids[:num_tokens].copy_(batch.input_ids, non_blocking=True)
@@ -224,27 +224,4 @@ class ExtendGraphs:
     def _plan(
         self, slot: _Slot, qo_indptr: torch.Tensor, kv_lens: tuple[int, ...], page_ids: torch.Tensor
     ) -> None:
-        s, a = self.shape, self._attention
-        kv_indptr, last_page_len = host_page_table(kv_lens, s.page_size)
-        slot.wrapper.plan(  # type: ignore[attr-defined]
-            qo_indptr,
-            kv_indptr,
-            page_ids.to(torch.int32),
-            last_page_len,
-            s.num_qo_heads,
-            s.num_kv_heads,
-            s.head_dim,
-            s.page_size,
-            causal=True,
-            sm_scale=a.sm_scale,
-            q_data_type=a.dtype,
-            kv_data_type=a.dtype,
-        )
-
-
-def _indptr(lens: tuple[int, ...]) -> torch.Tensor:
-    """[len(lens) + 1] int32 CPU cumulative sums, starting at 0."""
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32)
+        self._attention.plan_prefill(slot.wrapper, qo_indptr, kv_lens, page_ids.to(torch.int32))
