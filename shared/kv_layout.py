@@ -38,7 +38,9 @@ class KVLayout:
     @property
     def bytes_per_page(self) -> int:
         """Bytes one page occupies across all layers (K and V)."""
-        return self.num_layers * 2 * self.page_size * self.num_kv_heads * self.head_dim * DTYPE_SIZES[self.dtype]
+        return (
+            self.num_layers * 2 * self.page_size * self.num_kv_heads * self.head_dim * DTYPE_SIZES[self.dtype]
+        )
 
     @property
     def num_bytes(self) -> int:
