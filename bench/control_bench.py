@@ -208,7 +208,8 @@ async def bench_daemon(n: int, seconds: float, tmp: Path) -> dict[str, float]:
     layout = KVLayout(num_layers=1, num_pages=400_000, page_size=PAGE, num_kv_heads=1, head_dim=1)
     pool = create_pool(layout, "shm", name=f"bench-{os.getpid()}")
     settings = DaemonSettings(
-        endpoint=f"ipc://{tmp}/workers.sock", heartbeat_interval_s=30, heartbeat_timeout_s=120
+        endpoint=f"ipc://{tmp}/workers.sock", heartbeat_interval_s=30, heartbeat_timeout_s=120,
+        worker_hung_timeout_s=120,
     )
     cache = PrefixCache(layout.num_pages, page_size=PAGE)
     daemon = Daemon(

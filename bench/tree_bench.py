@@ -24,6 +24,7 @@ from cachemgr.cache import Namespace, PrefixCache
 
 PAGE_SIZE = 16
 NS = Namespace("anchor")
+OPS = ("match", "commit", "lock_release", "evict")
 
 
 def anchor_requests(seed: int = 0) -> list[np.ndarray]:
@@ -86,16 +87,34 @@ def run_anchor(requests: list[np.ndarray], policy: str) -> dict[str, object]:
         prompt_tokens += len(prompt)
         hit_tokens += m.matched_len
     cache.check()
-    result: dict[str, object] = {"hit_rate": round(hit_tokens / prompt_tokens, 4), "requests": len(requests)}
-    for op, values in times.items():
-        us = np.array(values, dtype=np.float64) / 1000.0
-        result[op] = {
-            "calls": len(values),
-            "mean_us": round(float(us.mean()), 2) if len(us) else None,
-            "p50_us": round(float(np.percentile(us, 50)), 2) if len(us) else None,
-            "p99_us": round(float(np.percentile(us, 99)), 2) if len(us) else None,
-        }
-    return result
+    return {"hit_rate": round(hit_tokens / prompt_tokens, 4), "requests": len(requests), "times": times}
+
+
+def op_stats(values: list[int]) -> dict[str, float | int | None]:
+    """Mean / p50 / p99 in µs of per-call times in ns."""
+    us = np.array(values, dtype=np.float64) / 1000.0
+    if not len(us):
+        return {"calls": 0, "mean_us": None, "p50_us": None, "p99_us": None}
+    p50, p99 = np.percentile(us, [50, 99])
+    return {"calls": len(us), "mean_us": round(float(us.mean()), 2), "p50_us": round(float(p50), 2),
+            "p99_us": round(float(p99), 2)}  # fmt: skip
+
+
+def summarize_runs(runs: list[dict[str, object]], policy: str) -> dict[str, object]:
+    """Medians over repeated runs of each op's mean / p50 / p99; prints the table."""
+    summary: dict[str, object] = {"policy": policy, "repeats": len(runs), "hit_rate": runs[0]["hit_rate"],
+                                  "requests": runs[0]["requests"], "python": platform.python_version()}  # fmt: skip
+    for op in OPS:
+        stats = [op_stats(r["times"][op]) for r in runs]  # type: ignore[index]
+        summary[op] = {
+            key: float(np.median([s[key] for s in stats])) for key in ("mean_us", "p50_us", "p99_us")
+        } | {"calls": stats[0]["calls"]}
+    for op in OPS:
+        s = summary[op]
+        print(f"{op:13s} mean {s['mean_us']:7.2f} us  p50 {s['p50_us']:7.2f} us  p99 {s['p99_us']:7.2f} us"
+              f"  ({s['calls']} calls)")  # fmt: skip
+    print(f"hit rate {summary['hit_rate']:.4f} over {summary['requests']} requests (policy {policy})")
+    return summary
 
 
 def match_vs_tree_size(num_pages: int, repeats: int = 2000) -> float:
@@ -133,22 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     requests = anchor_requests(0)
     runs = [run_anchor(requests, args.policy) for _ in range(args.repeats)]
-    summary: dict[str, object] = {"policy": args.policy, "repeats": args.repeats, "hit_rate": runs[0]["hit_rate"],
-                                  "requests": runs[0]["requests"], "python": platform.python_version()}  # fmt: skip
-    for op in ("match", "commit", "lock_release", "evict"):
-        stats = [r[op] for r in runs]
-        summary[op] = {
-            key: float(np.median([s[key] for s in stats])) for key in ("mean_us", "p50_us", "p99_us")
-        } | {"calls": stats[0]["calls"]}
+    summary = summarize_runs(runs, args.policy)
     if not args.skip_scaling:
         summary["match_us_tree_10k_pages"] = match_vs_tree_size(10_000)
         summary["match_us_tree_1m_pages"] = match_vs_tree_size(1_000_000)
-    for op in ("match", "commit", "lock_release", "evict"):
-        s = summary[op]
-        print(f"{op:13s} mean {s['mean_us']:7.2f} us  p50 {s['p50_us']:7.2f} us  p99 {s['p99_us']:7.2f} us"
-              f"  ({s['calls']} calls)")  # fmt: skip
-    print(f"hit rate {summary['hit_rate']:.4f} over {summary['requests']} requests (policy {args.policy})")
-    if not args.skip_scaling:
         print(f"match in a 10k-page tree {summary['match_us_tree_10k_pages']} us, "
               f"1M-page tree {summary['match_us_tree_1m_pages']} us (median)")  # fmt: skip
     if args.json:
