@@ -12,6 +12,8 @@ served the straightforward way: a zmq.asyncio recv_multipart / send_multipart lo
 Transport floor in the same run: the same processes send frames of the Commit's and PageRequest's
 sizes to a blocking ROUTER that answers each with a CommitAck-sized frame, nothing decoded (what
 ZeroMQ ipc:// plus the client loop cost on this machine, with no daemon at all).
+OS floor in the same run (bench.wakeup_floor): a one-byte pipe round trip between two processes, on any
+CPU and pinned to one CPU: what a cross-process wake-up costs on this host before any ZeroMQ or Python.
 
     python -m bench.control_bench [--json] [--seconds 3] [--workers 4]
 With --json the last line printed is one JSON object with p50_us, p99_us, msgs_per_s (daemon path).
@@ -208,7 +210,9 @@ async def bench_daemon(n: int, seconds: float, tmp: Path) -> dict[str, float]:
     layout = KVLayout(num_layers=1, num_pages=400_000, page_size=PAGE, num_kv_heads=1, head_dim=1)
     pool = create_pool(layout, "shm", name=f"bench-{os.getpid()}")
     settings = DaemonSettings(
-        endpoint=f"ipc://{tmp}/workers.sock", heartbeat_interval_s=30, heartbeat_timeout_s=120,
+        endpoint=f"ipc://{tmp}/workers.sock",
+        heartbeat_interval_s=30,
+        heartbeat_timeout_s=120,
         worker_hung_timeout_s=120,
     )
     cache = PrefixCache(layout.num_pages, page_size=PAGE)
@@ -265,10 +269,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     import uvloop
 
+    from bench.wakeup_floor import measure as measure_wakeup
+
+    wakeup = measure_wakeup(min(args.seconds, 1.0))
     with tempfile.TemporaryDirectory(prefix="radixkv-bench-") as tmp:
         floor = bench_echo(args.workers, args.seconds, Path(tmp))
         baseline = uvloop.run(bench_baseline(args.workers, args.seconds, Path(tmp)))
         result = uvloop.run(bench_daemon(args.workers, args.seconds, Path(tmp)))
+    one_cpu = wakeup.get("one_cpu", {}).get("p50_us")
+    print(
+        f"OS floor, one-byte pipe round trip between two processes: p50 {wakeup['any_cpu']['p50_us']} us "
+        f"(any CPU), {one_cpu} us (both on one CPU)"
+    )
     print(
         f"transport floor, blocking ROUTER echo ({args.workers} workers): p50 {floor['p50_us']} us, p99 {floor['p99_us']} us, {floor['msgs_per_s']} msgs/s"
     )
@@ -288,7 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         extra = {"workers": args.workers, "prompt_len": PROMPT_LEN, "cpus": len(os.sched_getaffinity(0))}
         extra["loadavg_1m"] = round(os.getloadavg()[0], 2)
-        print(json.dumps({**result, **extra, "baseline": baseline, "transport_floor": floor}))
+        print(
+            json.dumps(
+                {**result, **extra, "baseline": baseline, "transport_floor": floor, "os_floor": wakeup}
+            )
+        )
 
 
 if __name__ == "__main__":
