@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench.replay import BeladyPolicy, infinite_hit_rate, load_trace, replay
-from bench.traces import TraceConfig, generate
+from bench.traces import MultiturnConfig, TraceConfig, generate, generate_multiturn
 from cachemgr.cache import POLICIES
 
 # Four different kinds of traffic (not one generator setting). "held-out" was never used to choose or
@@ -26,7 +26,19 @@ SETTINGS = {
     "held-out": {"agent_share": 0.3, "oneoff_share": 0.35, "abandon_prob": 0.3, "tool_long_prob": 0.1,
                  "think_s_median": 120.0, "burst_factor": 5.0, "num_system_prompts": 80, "zipf_a": 1.0},
 }  # fmt: skip
+# The regime where LRU collapses (bench.traces.generate_multiturn): 256 concurrent clients whose turns come
+# back after every other client's, so a conversation's reuse distance exceeds the cache. Half as many
+# sessions as the other families keeps the live working set a similar share of the distinct blocks.
+MULTITURN_SETTINGS = {"multiturn": {"sessions_scale": 0.5}}
 CAPACITY_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)  # of the trace's distinct blocks
+
+
+def trace_rows(name: str, sessions: int, seed: int) -> list[dict[str, object]]:
+    """The requests of family ``name`` (a key of SETTINGS or MULTITURN_SETTINGS)."""
+    if name in MULTITURN_SETTINGS:
+        scale = MULTITURN_SETTINGS[name]["sessions_scale"]
+        return generate_multiturn(MultiturnConfig(sessions=max(1, round(sessions * scale)), seed=seed))
+    return generate(TraceConfig(sessions=sessions, seed=seed, **SETTINGS[name]))  # type: ignore[arg-type]
 
 
 def _one(job: tuple[str, int, str]) -> tuple[str, int, str, float]:
@@ -48,10 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs, meta = [], {}
-    for name, overrides in SETTINGS.items():
-        cfg = TraceConfig(sessions=args.sessions, seed=args.seed, **overrides)  # type: ignore[arg-type]
+    for name, overrides in {**SETTINGS, **MULTITURN_SETTINGS}.items():
         path = out_dir / f"replay_trace_{name}.jsonl.tmp"
-        rows = generate(cfg)
+        rows = trace_rows(name, args.sessions, args.seed)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         distinct = len({b for r in rows for b in r["hash_ids"]})  # type: ignore[attr-defined]
         caps = sorted({max(16, int(distinct * f)) for f in CAPACITY_FRACTIONS})

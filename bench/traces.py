@@ -15,7 +15,12 @@ chat and agent serving sees:
 - one-off requests (API traffic, summarisation, RAG): a shared system prompt plus a long unique body
   that is never seen again. Their unique suffixes are what pollutes an LRU cache.
 
+The ``multiturn`` family (``--family multiturn``, :func:`generate_multiturn`) is the regime where LRU
+collapses: many concurrent clients (SGLang's bench_multiturn shape) each running conversations whose turns
+come back only after every other client has had a turn, so a session's reuse distance exceeds the cache.
+
     python -m bench.traces --out trace.jsonl [--sessions 2000] [--seed 0] [--agent-share 0.3] ...
+    python -m bench.traces --family multiturn --out trace.jsonl [--clients 256] [--rounds 5] ...
 """
 
 from __future__ import annotations
@@ -132,20 +137,115 @@ def generate(cfg: TraceConfig) -> list[dict[str, object]]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class MultiturnConfig:
+    """Many concurrent clients, each running conversations back to back (SGLang's bench_multiturn shape).
+
+    Turns are counted in tokens, so a block is shared with the next turn only while it was full: each turn
+    adds ``user_tokens`` (uniform range) to the context and its answer ``output_tokens``; the prompt's
+    partial last block changes and gets a new id next turn, as in real Mooncake traces. Chat turns come
+    back after a log-normal think time (which includes the answer's latency); agent clients take many quick
+    turns. After each turn the user may walk away; a client then starts a new conversation after a pause.
+    """
+
+    sessions: int = 1200  # conversations in the whole trace
+    seed: int = 0
+    block_tokens: int = 512
+    clients: int = 256  # concurrent client loops
+    rounds: int = 5  # turns of a chat conversation nobody abandons
+    num_system_prompts: int = 4
+    zipf_a: float = 1.5
+    system_blocks: tuple[int, int] = (1, 2)
+    user_tokens: tuple[int, int] = (384, 640)  # added per turn (bench_multiturn: 512)
+    output_tokens: int = 64
+    think_s_median: float = 20.0
+    abandon_prob: float = 0.1  # chance, after each turn, that the conversation ends early
+    agent_share: float = 0.2  # share of clients that are agents
+    agent_rounds: int = 10
+    agent_think_s_median: float = 3.0
+    session_gap_s_median: float = 10.0  # a client's pause before its next conversation
+    ramp_s: float = 30.0  # clients start at Poisson times spread over about this long
+
+    def __post_init__(self) -> None:
+        if min(self.sessions, self.block_tokens, self.clients, self.rounds, self.agent_rounds) < 1:
+            raise ValueError("sessions, block_tokens, clients, rounds and agent_rounds must be positive")
+        if not (0.0 <= self.abandon_prob <= 1.0 and 0.0 <= self.agent_share <= 1.0):
+            raise ValueError("abandon_prob and agent_share must be in [0, 1]")
+
+
+def generate_multiturn(cfg: MultiturnConfig) -> list[dict[str, object]]:
+    """All requests of a multiturn trace, sorted by timestamp."""
+    rng = np.random.default_rng(cfg.seed)
+    next_id = iter(range(1, 2**31 - 1))
+    lo, hi = cfg.system_blocks
+    systems = [
+        [next(next_id) for _ in range(int(rng.integers(lo, hi + 1)))] for _ in range(cfg.num_system_prompts)
+    ]
+    ranks = np.arange(1, cfg.num_system_prompts + 1, dtype=np.float64)
+    popularity = ranks**-cfg.zipf_a / np.sum(ranks**-cfg.zipf_a)
+    bt = cfg.block_tokens
+    is_agent = rng.random(cfg.clients) < cfg.agent_share
+    starts = np.cumsum(rng.exponential(cfg.ramp_s / cfg.clients, cfg.clients))
+    events = [(float(t), client) for client, t in enumerate(starts)]
+    heapq.heapify(events)
+    # client -> [full-block ids of the context, context tokens, turns left]; None between conversations
+    state: list[list | None] = [None] * cfg.clients
+    started = 0
+    out: list[dict[str, object]] = []
+    while events:
+        t, client = heapq.heappop(events)
+        agent = bool(is_agent[client])
+        cur = state[client]
+        if cur is None:
+            if started == cfg.sessions:
+                continue
+            started += 1
+            system = systems[int(rng.choice(cfg.num_system_prompts, p=popularity))]
+            cur = state[client] = [list(system), len(system) * bt, cfg.agent_rounds if agent else cfg.rounds]
+        ids, context_tokens, turns_left = cur
+        prompt_tokens = context_tokens + int(rng.integers(cfg.user_tokens[0], cfg.user_tokens[1] + 1))
+        num_blocks = -(-prompt_tokens // bt)
+        prompt = ids + [next(next_id) for _ in range(num_blocks - len(ids))]
+        out.append(
+            {
+                "timestamp": round(t * 1000),
+                "input_length": prompt_tokens,
+                "output_length": cfg.output_tokens,
+                "hash_ids": prompt,
+            }
+        )
+        if turns_left > 1 and rng.random() >= cfg.abandon_prob:
+            cur[:] = [prompt[: prompt_tokens // bt], prompt_tokens + cfg.output_tokens, turns_left - 1]
+            median = cfg.agent_think_s_median if agent else cfg.think_s_median
+            heapq.heappush(events, (t + float(rng.lognormal(np.log(median), 0.5)), client))
+        else:
+            state[client] = None
+            gap = float(rng.lognormal(np.log(cfg.session_gap_s_median), 1.0))
+            heapq.heappush(events, (t + gap, client))
+    out.sort(key=lambda r: r["timestamp"])  # type: ignore[arg-type,return-value]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True)
-    for name, field in TraceConfig.__dataclass_fields__.items():
+    parser.add_argument("--family", choices=("generic", "multiturn"), default="generic")
+    family = parser.parse_known_args(argv)[0].family
+    config_cls = MultiturnConfig if family == "multiturn" else TraceConfig
+    for name, field in config_cls.__dataclass_fields__.items():
         if isinstance(field.default, (int, float)) and not isinstance(field.default, bool):
             parser.add_argument(
                 "--" + name.replace("_", "-"), type=type(field.default), default=field.default
             )
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
-    cfg = TraceConfig(**{k: v for k, v in args.items()})
-    rows = generate(cfg)
+    args.pop("family")
+    if family == "multiturn":
+        rows = generate_multiturn(MultiturnConfig(**args))
+    else:
+        rows = generate(TraceConfig(**args))
     with open(out, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
