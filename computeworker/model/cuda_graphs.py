@@ -59,15 +59,26 @@ class _Slot:
 class GraphAttention:
     """The attention backend inside a captured graph (decode or extend): planning happens outside, before
     each replay, so begin() does nothing. forward writes K/V at the static rows (padding rows aim at
-    row 0's slot), writes row 0 again so it wins, then runs the CUDA-graph-mode wrapper."""
+    row 0's slot), writes row 0 again so it wins, then runs the CUDA-graph-mode wrapper.
+
+    strided_q: pass q to the wrapper as the strided view it is (a slice of the fused QKV output) rather
+    than a contiguous copy; only for wrappers whose kernel takes q's row stride (FlashInfer's fa2 paged
+    prefill does)."""
 
     def __init__(
-        self, wrapper: object, k_rows: torch.Tensor, v_rows: torch.Tensor, shape: AttentionShape
+        self,
+        wrapper: object,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        shape: AttentionShape,
+        *,
+        strided_q: bool = False,
     ) -> None:
         self._wrapper = wrapper
         self._k_rows = k_rows
         self._v_rows = v_rows
         self._shape = shape
+        self._strided_q = strided_q
 
     def begin(self, batch: ForwardBatch) -> None:
         return None
@@ -85,7 +96,9 @@ class GraphAttention:
         rows.index_copy_(0, self._k_rows[:1], k[:1])
         rows.index_copy_(0, self._v_rows[:1], v[:1])
         q = q.reshape(-1, s.num_qo_heads, s.head_dim)
-        return self._wrapper.run(q if q.is_contiguous() else q.contiguous(), kv_layer)  # type: ignore[attr-defined]
+        if not (self._strided_q or q.is_contiguous()):
+            q = q.contiguous()
+        return self._wrapper.run(q, kv_layer)  # type: ignore[attr-defined]
 
 
 class DecodeGraphs:

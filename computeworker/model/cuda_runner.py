@@ -22,7 +22,12 @@ import torch
 
 from computeworker.model.batch import AttentionBackend, ForwardBatch
 from computeworker.model.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from computeworker.model.extend_graphs import DEFAULT_BATCH_SIZES, DEFAULT_TOKEN_BUCKETS, ExtendGraphs
+from computeworker.model.extend_graphs import (
+    DEFAULT_BACKEND,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_TOKEN_BUCKETS,
+    ExtendGraphs,
+)
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.llama import LlamaModel
 from computeworker.model.llama_cuda import LlamaCudaForward, fused_path_applies
@@ -39,7 +44,8 @@ class CudaModelRunner:
     hold: `bind` before serving from a pool, for graphs to be used; one thread at a time.
 
     extend_batch_sizes / extend_token_buckets: the (sequences, padded new tokens) shapes captured for
-    prefill steps; () for either turns extend graphs off."""
+    prefill steps; () for either turns extend graphs off. extend_backend: FlashInfer's prefill backend in
+    those graphs ("fa2" by default: it splits long KV across CTAs; see extend_graphs)."""
 
     def __init__(
         self,
@@ -49,6 +55,7 @@ class CudaModelRunner:
         max_graph_batch: int = 16,
         extend_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
         extend_token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS,
+        extend_backend: str = DEFAULT_BACKEND,
     ) -> None:
         if max_graph_batch < 1:
             raise ValueError(f"max_graph_batch must be >= 1, got {max_graph_batch}")
@@ -58,6 +65,7 @@ class CudaModelRunner:
         self.max_graph_batch = max_graph_batch
         self.extend_batch_sizes = extend_batch_sizes
         self.extend_token_buckets = extend_token_buckets
+        self.extend_backend = extend_backend
         self._graphs: DecodeGraphs | None = None
         self._extend: ExtendGraphs | None = None
         self.num_graph_steps = 0  # decode steps replayed from a graph (tests and logs read it)
@@ -92,8 +100,10 @@ class CudaModelRunner:
             and kv_pool.data_ptr() == extend.pool.data_ptr()
             and extend.can_run(batch)
         ):
-            self.num_extend_graph_steps += 1
-            return extend.run(batch)
+            logits = extend.run(batch)
+            if logits is not None:
+                self.num_extend_graph_steps += 1
+                return logits
         self.num_eager_steps += 1
         if self._fused is not None:
             return self._fused(batch, kv_pool, attention, all_logits)
@@ -138,6 +148,7 @@ class CudaModelRunner:
                     max_pages_per_seq=-(-spec.max_position_embeddings // page_size) + 1,
                     batch_sizes=self.extend_batch_sizes,
                     token_buckets=self.extend_token_buckets,
+                    backend=self.extend_backend,
                 )
                 graphs_s += extend.capture(scratch)
                 self._extend = extend

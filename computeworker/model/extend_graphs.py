@@ -22,6 +22,20 @@ FlashInfer's constraints (0.7.2, BatchPrefillWithPagedKVCacheWrapper): in CUDA-g
 is fixed by the buffers, and the first plan() fixes the largest total row count; the query tensor given
 to run() at capture has exactly that many rows. So each graph is planned first (and captured) with
 T_pad rows, and later plans with T <= T_pad rows reuse the same launch shape.
+
+Backend: "fa2" by default. fa3 gives each (sequence, KV head, 128-row tile) one CTA and never splits the
+KV, so 100 new tokens over a 10k prefix keep 32 of 132 SMs busy; fa2 packs a GQA group's query heads into
+one tile and splits long KV across CTAs, then merges the partial results (a second kernel).
+
+Split-KV and graphs: a replay runs the kernels, grid sizes and workspace offsets the capture-time plan
+chose; only the buffers plan() rewrites (indptrs, page ids, the work schedule in the int workspace, the
+KV chunk size) change. fa2's planner (scheduler.cuh, PrefillSplitQOKVIndptr) in CUDA-graph mode always
+takes the split-KV variant (merge kernel included) and pads the grid to max(2 CTAs per SM / KV heads,
+the tile bound of T_pad rows), with a per-CTA valid mask; without a graph it splits only long KV. So the
+launch configuration is fixed per graph, and a short prefix runs as one KV chunk per tile through the
+same kernels. That is FlashInfer's behaviour, not a contract: every replay compares the plan's launch
+record (PrefillPlanInfo: grid, tile size, split flag, workspace offsets) with the capture's, and a step
+whose plan differs runs eagerly instead of replaying a graph that would read the wrong schedule.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_BUCKETS = (128, 256, 512)
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4)
+DEFAULT_BACKEND = "fa2"
 
 
 def pick_bucket(num_tokens: int, buckets: tuple[int, ...]) -> int | None:
@@ -77,6 +92,7 @@ class _Slot:
     v_rows: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
+    plan_key: tuple[int, ...] | None = None  # the capture-time plan's launch record
 
 
 class ExtendGraphs:
@@ -95,7 +111,9 @@ class ExtendGraphs:
         max_pages_per_seq: int,
         batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
         token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS,
+        backend: str = DEFAULT_BACKEND,
     ) -> None:
+        """backend: FlashInfer's paged-prefill backend for these graphs, "fa2" or "fa3" (sm90 only)."""
         import flashinfer
 
         if not batch_sizes or min(batch_sizes) < 1:
@@ -104,6 +122,8 @@ class ExtendGraphs:
             raise ValueError(f"token buckets {token_buckets} must hold at least one token per sequence")
         if max_pages_per_seq < 1:
             raise ValueError("max_pages_per_seq must be >= 1")
+        if backend not in ("fa2", "fa3"):
+            raise ValueError(f"backend must be 'fa2' or 'fa3', got {backend!r}")
         self._forward = forward
         self._attention = attention
         self.pool = pool
@@ -111,6 +131,8 @@ class ExtendGraphs:
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.token_buckets = tuple(sorted(set(token_buckets)))
         self.max_pages_per_seq = max_pages_per_seq
+        self.backend = backend
+        self.num_plan_mismatches = 0  # steps whose plan differed from the capture's (run eagerly)
         self._mempool = torch.cuda.graph_pool_handle()
         device = attention.device
         i32 = dict(dtype=torch.int32, device=device)
@@ -121,7 +143,7 @@ class ExtendGraphs:
                     wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                         attention.workspace,
                         "NHD",
-                        backend=attention.prefill_backend,
+                        backend=backend,
                         use_cuda_graph=True,
                         qo_indptr_buf=torch.zeros(bs + 1, **i32),
                         paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
@@ -174,7 +196,11 @@ class ExtendGraphs:
             qo_indptr = qo_indptr_of(s.q_lens)
             s.qo_indptr.copy_(qo_indptr)
             self._plan(slot, qo_indptr, s.kv_lens, page_ids)
-            attn = GraphAttention(slot.wrapper, slot.k_rows, slot.v_rows, self.shape)
+            slot.plan_key = _plan_key(slot.wrapper)
+            # fa2's kernel reads q through its row stride: the q slice of the fused QKV output needs no copy.
+            attn = GraphAttention(
+                slot.wrapper, slot.k_rows, slot.v_rows, self.shape, strided_q=self.backend == "fa2"
+            )
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._forward(s, scratch_pool, attn, False)
@@ -194,10 +220,12 @@ class ExtendGraphs:
         return seconds
 
     @torch.inference_mode()
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
+    def run(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Replay the graph of batch.num_seqs sequences and the smallest bucket >= batch.num_tokens.
         Returns [num_seqs, vocab] float32 logits of each sequence's last token (the graph's output
-        buffer). Raises ValueError if `can_run` is False or the graphs were not captured."""
+        buffer), or None, having written nothing to the pool, when the attention plan for `batch` chose a
+        launch configuration other than the captured one (the caller then runs the step eagerly).
+        Raises ValueError if `can_run` is False or the graphs were not captured."""
         if not self.can_run(batch):
             raise ValueError("batch does not fit the captured extend graphs")
         n, num_tokens = batch.num_seqs, sum(batch.q_lens)
@@ -207,6 +235,17 @@ class ExtendGraphs:
         if slot.graph is None or slot.logits is None:
             raise ValueError("capture() first")
         self._plan(slot, qo_indptr_of(batch.q_lens), batch.kv_lens, batch.kv_page_ids)
+        if _plan_key(slot.wrapper) != slot.plan_key:
+            self.num_plan_mismatches += 1
+            if self.num_plan_mismatches == 1:
+                log.warning(
+                    "extend graph (%d seqs, %d tokens): FlashInfer planned %s, captured %s; running eagerly",
+                    n,
+                    bucket,
+                    _plan_key(slot.wrapper),
+                    slot.plan_key,
+                )
+            return None
         static, ps = slot.batch, self.shape.page_size
         static.qo_indptr.copy_(batch.qo_indptr, non_blocking=True)
         static.input_ids[:num_tokens].copy_(batch.input_ids, non_blocking=True)
@@ -225,3 +264,10 @@ class ExtendGraphs:
         self, slot: _Slot, qo_indptr: torch.Tensor, kv_lens: tuple[int, ...], page_ids: torch.Tensor
     ) -> None:
         self._attention.plan_prefill(slot.wrapper, qo_indptr, kv_lens, page_ids.to(torch.int32))
+
+
+def _plan_key(wrapper: object) -> tuple[int, ...]:
+    """The launch record of the wrapper's last plan (FlashInfer's PrefillPlanInfo as integers: padded grid,
+    tile size, split-KV flag, workspace offsets). A graph replay is valid only while it equals the
+    capture's. Read from a private attribute: FlashInfer exposes no public view of the plan's decision."""
+    return tuple(int(x) for x in wrapper._plan_info)  # type: ignore[attr-defined]

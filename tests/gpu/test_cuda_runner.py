@@ -32,6 +32,17 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm())
 
 
+def assert_same_argmax(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Each row's argmax agrees, or the two picks tie in `want` at bf16 resolution: the logits are bf16
+    before their float cast (one step is 2**-7 of the value's power of two), so two attention kernels
+    whose rounding differs can swap the order of two logits that sit within a step or two."""
+    for g, w in zip(got, want, strict=True):
+        i, j = int(g.argmax()), int(w.argmax())
+        if i != j:
+            step = 2.0 ** (torch.frexp(w[j].abs().float()).exponent.item() - 8)
+            assert float(w[j] - w[i]) <= 2 * step, (i, j, float(w[i]), float(w[j]))
+
+
 def test_graph_decode_matches_eager(model_dir: Path) -> None:
     model, spec = random_model(model_dir, torch.bfloat16, "cuda", seed=3)
     attn = FlashInferAttention(
@@ -77,19 +88,20 @@ def test_graph_decode_matches_eager(model_dir: Path) -> None:
 
 
 def test_graph_extend_matches_eager(model_dir: Path) -> None:
-    """Padded extend graphs (buckets 32 / 64, one or two sequences) against the eager fused forward: same
-    argmax, logits within bf16 noise, and exactly the batch's write slots changed in the pool (the
-    padding tokens' writes never land outside them)."""
+    """Padded extend graphs (fa2, buckets 32 / 64, one or two sequences) against the eager fused forward
+    with fa2 attention: same argmax (up to bf16 ties), logits within bf16 noise, and exactly the batch's
+    write slots changed in the pool (the padding tokens' writes never land outside them)."""
     model, spec = random_model(model_dir, torch.bfloat16, "cuda", seed=4)
-    attn = FlashInferAttention(
-        AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE), device="cuda"
-    )
+    shape = AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE)
+    attn = FlashInferAttention(shape, device="cuda")
+    eager_attn = FlashInferAttention(shape, device="cuda", prefill_backend="fa2")
     pool = torch.zeros((2, 64, 2, PAGE, 2, 128), dtype=torch.bfloat16, device="cuda")
     graphs = CudaModelRunner(
         model, cuda_graphs=True, max_graph_batch=4, extend_batch_sizes=(1, 2), extend_token_buckets=(32, 64)
     )
     eager = CudaModelRunner(model, cuda_graphs=False)
     graphs.bind(pool, attn)
+    assert graphs.extend_backend == "fa2"
     gen = torch.Generator().manual_seed(6)
     pages = [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 10, 11, 12, 13, 14, 15]]
     prefix = torch.randint(3, 1000, (40,), generator=gen).tolist()
@@ -110,9 +122,9 @@ def test_graph_extend_matches_eager(model_dir: Path) -> None:
         batch = build_forward_batch(chunks, PAGE, "cuda")
         before = pool.clone()
         got = graphs.forward(batch, pool, attn).clone()
-        want = eager.forward(batch, eager_pool, attn)
+        want = eager.forward(batch, eager_pool, eager_attn)
         assert got.shape == (len(chunks), 1000)
-        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+        assert_same_argmax(got, want)
         assert rel_err(got, want) < 1e-2
         changed = (pool != before).permute(1, 3, 0, 2, 4, 5).flatten(2).any(-1)  # [pages, page slots]
         slots = {
