@@ -18,6 +18,7 @@ from shared.chat import ChatTemplate, Message
 from shared.detokenizer import IncrementalDetokenizer
 from shared.gguf_tokenizer import load_gguf_vocab
 from shared.model_spec import load_model_spec, resolve_gguf_file
+from shared.tokenize_cache import SegmentEncoder
 
 
 class Tokenizer:
@@ -59,6 +60,12 @@ class Tokenizer:
         """Token ids of the rendered chat prompt. No extra BOS: the template writes its own."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def segment_encoder(self, max_bytes: int) -> tuple[SegmentEncoder | None, str]:
+        """A new cache-aware encoder over this tokenizer whose ids equal `encode` (add_special_tokens=True)
+        and `encode_chat`'s tokenization of the rendered text (False); (None, why) when this tokenizer's
+        pieces between special tokens are not provably independent. Raises ValueError if max_bytes <= 0."""
+        return SegmentEncoder.create(self._backend, max_bytes)
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation. Raises ValueError if the model has no chat template or the

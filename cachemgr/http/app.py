@@ -13,18 +13,18 @@ The app keeps no request state of its own: the daemon owns every request.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from cachemgr.cache import Namespace
 from cachemgr.http.auth import AccessPolicy
+from cachemgr.http.body import decode_body
 from cachemgr.http.errors import APIError, bad_request, internal_error, model_not_found
 from cachemgr.http.generate import Generation, respond, submit
 from cachemgr.http.parse import CommonParams, parse_chat, parse_completion
@@ -34,6 +34,8 @@ from cachemgr.http.tokens import TokenizerAdapter
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# Bound of the tokenizer's piece cache (shared.tokenize_cache); 0 turns it off.
+DEFAULT_TOKENIZE_CACHE_BYTES = 64 * 1024 * 1024
 # OpenAI's default for /v1/completions; chat has no limit there, ours is bounded so a forgotten
 # max_tokens can't hold a worker slot for minutes.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -101,13 +103,13 @@ class _Api:
         if params.model is not None and params.model != self.model_name:
             raise model_not_found(params.model)
 
-    async def _off_loop(self, fn: Callable[..., list[int]], arg: Any) -> list[int]:
+    async def _off_loop(self, fn: Callable[..., np.ndarray], arg: Any) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(None, fn, arg)
 
     async def _generate(
-        self, request: web.Request, params: CommonParams, token_ids: list[int], *, chat: bool
+        self, request: web.Request, params: CommonParams, token_ids: np.ndarray, *, chat: bool
     ) -> web.StreamResponse:
-        if not token_ids:
+        if not len(token_ids):
             raise bad_request("The prompt is empty after tokenization.", param="prompt")
         self.tokenizer.check_ids(params.stop_token_ids, "stop_token_ids")
         default_max = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
@@ -132,23 +134,12 @@ class _Api:
         return Namespace(model=self.model_name, salt=self.access.cache_salt(api_key, client_salt))
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
 async def _json_body(request: web.Request) -> Any:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, "The request body is too large.", code="request_too_large") from None
-    try:
-        body = json.loads(raw)
-        if _SURROGATE_ESCAPE.search(raw):
-            # json.loads accepts an escaped lone UTF-16 surrogate ("\udc80"); such a string cannot be
-            # encoded again (tokenizers, salt hashing), so refuse it here. Pairs were joined by loads.
-            json.dumps(body, ensure_ascii=False).encode()
-        return body
-    except (ValueError, UnicodeError):
-        raise bad_request("We could not parse the JSON body of your request.", code="invalid_json") from None
+    return decode_body(raw)
 
 
 def _error_middleware(
@@ -189,18 +180,21 @@ def build_http_app(
     salt_from_api_key: bool = False,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     vocab_size: int | None = None,
+    tokenize_cache_bytes: int = DEFAULT_TOKENIZE_CACHE_BYTES,
 ) -> web.Application:
     """The OpenAI-compatible app over `daemon` (the Daemon facade) and `tokenizer` (shared.tokenizer).
 
     api_keys: when non-empty, /v1/* needs `Authorization: Bearer <key>`. salt_from_api_key: each key
     gets its own cache namespace (see cachemgr.http.auth). vocab_size bounds token-id prompts (default:
-    the tokenizer's). Raises ValueError for an inconsistent configuration."""
+    the tokenizer's). tokenize_cache_bytes bounds the cache of tokenized text pieces between special
+    tokens (0: tokenize every text whole). Raises ValueError for an inconsistent configuration."""
     if max_request_bytes < 1024:
         raise ValueError("max_request_bytes must be at least 1024")
     if not model_name:
         raise ValueError("model_name must be non-empty")
     access = AccessPolicy(api_keys=frozenset(api_keys), salt_from_api_key=salt_from_api_key)
-    api = _Api(daemon, TokenizerAdapter(tokenizer, vocab_size), model_name, metrics, access)
+    tokens = TokenizerAdapter(tokenizer, vocab_size, cache_bytes=tokenize_cache_bytes)
+    api = _Api(daemon, tokens, model_name, metrics, access)
     app = web.Application(client_max_size=max_request_bytes, middlewares=[_error_middleware(access)])
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.metrics_text)

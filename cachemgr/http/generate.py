@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import numpy as np
 from aiohttp import web
 
 from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge, RequestFailed
@@ -28,7 +29,7 @@ class Generation:
     """Everything needed to run one request once it has been parsed and tokenized."""
 
     shape: ResponseShape
-    token_ids: list[int]
+    token_ids: np.ndarray  # int32, checked against the vocabulary
     sampling: SamplingParams
     stream: bool
     include_usage: bool

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cachemgr.http.errors import bad_request
 from shared.protocol import SamplingParams
 
@@ -57,7 +59,8 @@ class CommonParams:
 
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
-    prompt: str | tuple[int, ...]
+    # Token ids: a tuple from a plain dict body, an int64 ndarray from cachemgr.http.body's fast path.
+    prompt: str | tuple[int, ...] | np.ndarray
     params: CommonParams
 
 
@@ -107,9 +110,13 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise bad_request("logprobs are not supported.", param="logprobs")
 
 
-def _prompt(value: Any) -> str | tuple[int, ...]:
+def _prompt(value: Any) -> str | tuple[int, ...] | np.ndarray:
     # OpenAI accepts a batch (list of prompts); we serve one prompt per request (n=1), so a batch of one
     # is unwrapped and a larger batch is refused.
+    if isinstance(value, np.ndarray):  # already a flat, non-empty array of integers (body.py)
+        if len(value) > MAX_TOKEN_ID_PROMPT:
+            raise bad_request("The prompt has too many tokens.", param="prompt")
+        return value
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
         value = value[0]
     if isinstance(value, str):
