@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the wheelhouse, compile FlashInfer's kernels in parallel, then run the
-# steps named as arguments (tests, kernels, model, serve), teeing every log to $OUT.
+# steps named as arguments (tests, kernels, model, serve, profile), teeing every log to $OUT.
 #   bash bench/gpu_session.sh tests kernels
 #   SERVE_ARGS="--clients 64" bash bench/gpu_session.sh serve     (bench/serve_bench.py, full stack)
+#   TEST_PATHS="tests/gpu/test_extend_split.py" bash bench/gpu_session.sh tests profile   (some tests; the
+#   cached step's per-kernel profile, bench/gpu_profile.py)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -20,7 +22,8 @@ fi
 python3 bench/gpu_warm.py 2>&1 | tee "$OUT/warm.log"
 for step in "$@"; do
   case $step in
-    tests) python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -m gpu ${TEST_PATHS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
+    profile) python3 bench/gpu_profile.py --out "$OUT/gpu_profile.json" 2>&1 | tee "$OUT/profile.log" ;;
     serve) python3 -m bench.serve_bench --out "$OUT/serve_bench.json" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
     kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" 2>&1 | tee "$OUT/model.log" ;;
