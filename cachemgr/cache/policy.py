@@ -29,6 +29,17 @@ class EvictionPolicy(ABC):
     def on_evict(self, node: TreeNode, priority: float) -> None:  # noqa: B027 - optional hook
         """Pages of ``node`` were evicted at ``priority``."""
 
+    def attach(self, num_pages: int, page_size: int) -> None:  # noqa: B027 - optional hook
+        """The cache that will call this policy was created with this pool (called once, first)."""
+
+    def on_evict_tail(self, node: TreeNode, keep: int) -> None:  # noqa: B027 - optional hook
+        """The pages of ``node`` after its first ``keep`` are about to be evicted (node not changed yet)."""
+
+    def on_miss(self, end: TreeNode, token_bytes: bytes) -> None:  # noqa: B027 - optional hook
+        """A lease locked up to ``end`` (a namespace root when nothing matched) but its prompt
+        ``token_bytes`` (whole pages) goes on: the page at ``end.end_pages`` was missing. Called after
+        ``on_use``, only when something was missing and only if the policy overrides it."""
+
     @abstractmethod
     def priority(self, node: TreeNode) -> float:
         """Eviction key of an evictable leaf now; lower is evicted first."""
@@ -78,7 +89,131 @@ class LFRUPolicy(EvictionPolicy):
         return node.last_access + self.alpha * self._horizon * math.log2(1 + node.hits)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {LRUPolicy.name: LRUPolicy, LFRUPolicy.name: LFRUPolicy}
+class GhostPolicy(EvictionPolicy):
+    """LRU that resists thrashing: leaves that start a new branch are demoted while ghosts say it pays.
+
+    Two kinds of evictable leaf::
+
+        protected  used again since it was cached (hits > 0), or continuing a path it alone extends
+                   (its parent has no other child): a conversation still cached turn after turn
+        branch     a new child beside others: a new conversation, a one-off request, or one whose
+                   context was evicted and is being recomputed
+
+    priority = last_access for protected leaves, last_access - demotion for branch leaves (demotion 0 is
+    exactly LRU). When many concurrent conversations come back after more than the cache holds, LRU
+    evicts each one just before it is needed; a demotion longer than their think time keeps a fixed set of
+    conversations cached and evicts newcomers first, as the offline optimum does.
+
+    The demotion (logical clock ticks) adapts from a ghost record of recent evictions: (depth, bytes) of
+    the first evicted page -> (kind, last use, pages), at most ``num_pages`` evicted pages, oldest dropped
+    first, so memory is bounded by the pool. A miss whose first missing page is a ghost was evicted too
+    early; with gap = ticks since its last use:
+
+    - protected ghost, or branch ghost with gap >= the idle age at which protected leaves get evicted
+      (even plain LRU would have lost it: reuse beyond the cache, the thrashing signal): demote more;
+    - branch ghost with a shorter gap (a protected leaf that old would still be cached, so the demotion
+      cost this hit): demote less.
+
+    Each step moves the demotion by ``step`` times the moving average of ghost gaps (the reuse distance
+    that matters), and it stays within [0, max_scale * that average], so abandoned conversations still
+    age out. Demoting every newcomer would freeze the kept set, so every ``admit_every``-th branch leaf
+    pushed is ranked as protected instead, but only while few evictions (moving average below
+    ``admit_below``) have to take protected leaves, i.e. while the kept set has room. Deterministic (a
+    counter, no hashing or randomness); O(1) per hook besides the heap.
+    """
+
+    name = "ghost"
+
+    def __init__(
+        self, step: float = 0.02, max_scale: float = 2.0, admit_every: int = 8, admit_below: float = 0.1
+    ) -> None:
+        if not (step > 0.0 and max_scale >= 0.0 and admit_every >= 1 and 0.0 <= admit_below <= 1.0):
+            raise ValueError("need step > 0, max_scale >= 0, admit_every >= 1, 0 <= admit_below <= 1")
+        self.step = step
+        self.max_scale = max_scale
+        self.demotion = 0.0
+        self.admit_every = admit_every
+        self.admit_below = admit_below
+        self._branch_pushes = 0
+        self._protected_share = 0.0  # moving average share of evictions that hit protected leaves
+        self._gap = 0.0  # moving average of ghost-hit gaps
+        self._protected_age = 0.0  # moving average idle age of evicted protected leaves
+        self._now = 0
+        self._ghost_limit = 1
+        self._ghost_pages = 0
+        self._page_bytes = 4
+        # (depth, first evicted page bytes) -> (protected, last_access, pages); insertion = eviction order
+        self._ghosts: dict[tuple[int, bytes], tuple[bool, int, int]] = {}
+        self.ghost_hits = [0, 0, 0]  # [branch short gap, branch long gap, protected], for tools and tests
+
+    def attach(self, num_pages: int, page_size: int) -> None:
+        self._ghost_limit = num_pages
+        self._page_bytes = 4 * page_size
+
+    def on_insert(self, node: TreeNode, now: int) -> None:
+        self._now = now
+
+    def on_use(self, path: list[TreeNode], now: int) -> None:
+        self._now = now
+
+    @staticmethod
+    def is_protected(node: TreeNode) -> bool:
+        parent = node.parent
+        return node.hits > 0 or (
+            parent is not None and parent.parent is not None and len(parent.children) == 1
+        )
+
+    def priority(self, node: TreeNode) -> float:
+        if self.is_protected(node):
+            return float(node.last_access)
+        self._branch_pushes += 1
+        if self._protected_share < self.admit_below and self._branch_pushes % self.admit_every == 0:
+            return float(node.last_access)  # a few newcomers may join the kept set while it has room
+        return node.last_access - self.demotion
+
+    def on_evict_tail(self, node: TreeNode, keep: int) -> None:
+        pb = self._page_bytes
+        key = (node.depth_pages + keep, node.token_bytes[keep * pb : (keep + 1) * pb])
+        protected = self.is_protected(node)
+        self._protected_share = 0.99 * self._protected_share + (0.01 if protected else 0.0)
+        if protected:
+            idle = float(self._now - node.last_access)
+            self._protected_age = (
+                idle if self._protected_age == 0.0 else 0.99 * self._protected_age + 0.01 * idle
+            )
+        ghosts = self._ghosts
+        old = ghosts.pop(key, None)
+        if old is not None:
+            self._ghost_pages -= old[2]
+        pages = len(node.page_ids) - keep
+        ghosts[key] = (protected, node.last_access, pages)
+        self._ghost_pages += pages
+        while self._ghost_pages > self._ghost_limit:
+            self._ghost_pages -= ghosts.pop(next(iter(ghosts)))[2]
+
+    def on_miss(self, end: TreeNode, token_bytes: bytes) -> None:
+        pb = self._page_bytes
+        start = end.end_pages * pb
+        ghost = self._ghosts.pop((end.end_pages, token_bytes[start : start + pb]), None)
+        if ghost is None:
+            return
+        protected, last_access, pages = ghost
+        self._ghost_pages -= pages
+        gap = float(self._now - last_access)
+        self._gap = gap if self._gap == 0.0 else 0.98 * self._gap + 0.02 * gap
+        if protected or gap >= self._protected_age:
+            self.ghost_hits[2 if protected else 1] += 1
+            self.demotion = min(self.max_scale * self._gap, self.demotion + self.step * self._gap)
+        else:
+            self.ghost_hits[0] += 1
+            self.demotion = max(0.0, self.demotion - self.step * self._gap)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    LRUPolicy.name: LRUPolicy,
+    LFRUPolicy.name: LFRUPolicy,
+    GhostPolicy.name: GhostPolicy,
+}
 DEFAULT_POLICY = "lfru"
 
 

@@ -68,6 +68,11 @@ class PrefixCache:
         # A hook the policy leaves at the base class's no-op is skipped on the eviction path.
         overridden = type(self.policy).on_evict is not EvictionPolicy.on_evict
         self._evict_hook = self.policy.on_evict if overridden else None
+        overridden = type(self.policy).on_evict_tail is not EvictionPolicy.on_evict_tail
+        self._evict_tail_hook = self.policy.on_evict_tail if overridden else None
+        overridden = type(self.policy).on_miss is not EvictionPolicy.on_miss
+        self._miss_hook = self.policy.on_miss if overridden else None
+        self.policy.attach(num_pages, page_size)
         self._alloc = PageAllocator(num_pages)
         self._roots: dict[Namespace, TreeNode] = {}
         self._leases: dict[int, LeaseState] = {}
@@ -191,6 +196,8 @@ class PrefixCache:
             node.hits += 1
         self.policy.on_use(path, now)
         end = path[-1] if path else root
+        if self._miss_hook is not None and num_full > end.end_pages:
+            self._miss_hook(end, tb)
         if prefix_ids is None:
             prefix_ids = np.concatenate([n.page_ids for n in path]) if path else _EMPTY
         lease_id = self._next_lease_id
@@ -411,6 +418,7 @@ class PrefixCache:
         heap = self._heap
         priority_of = self.policy.priority
         evict_hook = self._evict_hook
+        evict_tail_hook = self._evict_tail_hook
         evicted = 0
         while evicted < num_pages:
             item = heap.pop()
@@ -419,6 +427,8 @@ class PrefixCache:
             priority, node = item
             have = len(node.page_ids)
             keep = have - (num_pages - evicted) if have > num_pages - evicted else 0
+            if evict_tail_hook is not None:
+                evict_tail_hook(node, keep)
             self._trim(node, keep)
             if evict_hook is not None:
                 evict_hook(node, priority)
