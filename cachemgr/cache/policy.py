@@ -146,6 +146,15 @@ class GhostPolicy(EvictionPolicy):
         self._ghosts: dict[tuple[int, bytes], tuple[bool, int, int]] = {}
         self.ghost_hits = [0, 0, 0]  # [branch short gap, branch long gap, protected], for tools and tests
 
+    @property
+    def num_ghosts(self) -> int:
+        return len(self._ghosts)
+
+    @property
+    def num_ghost_pages(self) -> int:
+        """Evicted pages the ghost record stands for; never more than the pool's page count."""
+        return self._ghost_pages
+
     def attach(self, num_pages: int, page_size: int) -> None:
         self._ghost_limit = num_pages
         self._page_bytes = 4 * page_size
