@@ -18,7 +18,7 @@ from shared.chat import ChatTemplate, Message
 from shared.detokenizer import IncrementalDetokenizer
 from shared.gguf_tokenizer import load_gguf_vocab
 from shared.model_spec import load_model_spec, resolve_gguf_file
-from shared.tokenize_cache import SegmentEncoder
+from shared.tokenize_cache import SegmentEncoder, encode_ids
 
 
 class Tokenizer:
@@ -54,12 +54,12 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text, with the special tokens the model adds to every prompt (e.g. BOS)."""
-        return self._backend.encode(text, add_special_tokens=True).ids
+        return encode_ids(self._backend, text, add_special_tokens=True)
 
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat prompt. No extra BOS: the template writes its own."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return encode_ids(self._backend, text, add_special_tokens=False)
 
     def segment_encoder(self, max_bytes: int) -> tuple[SegmentEncoder | None, str]:
         """A new cache-aware encoder over this tokenizer whose ids equal `encode` (add_special_tokens=True)
