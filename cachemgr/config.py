@@ -44,6 +44,11 @@ def _optional_int(text: str) -> int | None:
     return None if text.strip() in ("", "none") else int(text)
 
 
+def _size_or_off(text: str) -> int:
+    """A byte size, or 0 for "0" / "off" (a feature turned off)."""
+    return 0 if text.strip().lower() in ("0", "off") else parse_size(text)
+
+
 # (field, type, default, help). None defaults that depend on other options are resolved in build_config.
 _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
     (
@@ -92,6 +97,12 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
         _bool,
         False,
         "Give each API key its own cache namespace (prefixes never shared across keys).",
+    ),
+    (
+        "tokenize_cache_size",
+        _size_or_off,
+        "64MiB",
+        "Memory bound of the HTTP API's cache of tokenized text between special tokens (a repeated system prompt is tokenized once; the ids stay exact). 0 turns it off.",
     ),
     (
         "kv_budget",
@@ -173,6 +184,7 @@ class DaemonConfig:
     disable_http: bool
     api_keys: tuple[str, ...]
     salt_from_api_key: bool
+    tokenize_cache_size: int
     kv_budget: int
     num_pages: int | None
     page_size: int
