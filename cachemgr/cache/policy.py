@@ -223,7 +223,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     LFRUPolicy.name: LFRUPolicy,
     GhostPolicy.name: GhostPolicy,
 }
-DEFAULT_POLICY = "lfru"
+DEFAULT_POLICY = "ghost"
 
 
 def make_policy(name: str) -> EvictionPolicy:
