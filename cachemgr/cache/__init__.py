@@ -6,7 +6,15 @@ Pure library: no sockets, no asyncio, no torch. Single-threaded (call it from th
 from __future__ import annotations
 
 from cachemgr.cache.events import CacheEvents
-from cachemgr.cache.policy import DEFAULT_POLICY, POLICIES, EvictionPolicy, LFRUPolicy, LRUPolicy, make_policy
+from cachemgr.cache.policy import (
+    DEFAULT_POLICY,
+    POLICIES,
+    EvictionPolicy,
+    GhostPolicy,
+    LFRUPolicy,
+    LRUPolicy,
+    make_policy,
+)
 from cachemgr.cache.prefix_cache import PrefixCache
 from cachemgr.cache.types import (
     CacheStats,
@@ -29,6 +37,7 @@ __all__ = [
     "DumpNamespace",
     "DumpNode",
     "EvictionPolicy",
+    "GhostPolicy",
     "IntegrityError",
     "LFRUPolicy",
     "LRUPolicy",
