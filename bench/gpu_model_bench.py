@@ -20,6 +20,7 @@ import torch
 
 from bench.gpu_timing import copy_tbps, host_issue_ms, matmul_tflops, run_metadata, time_ms
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
+from computeworker.model.extend_graphs import DEFAULT_BACKEND
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.llama import LlamaModel
 from computeworker.model.llama_cuda import LlamaCudaForward
@@ -204,8 +205,9 @@ def path_figures(
         "cached_host_issue_ms": cached_issue_ms,
         "cached_speedup": cold10k_ms / cached_ms,
         # CudaModelRunner: the same step replayed from an extend CUDA graph (bucket 128, batch building
-        # and plan() included).
+        # and plan() included; FlashInfer's attention backend inside the graph below).
         "cached_graph_ms": graphed,
+        "cached_graph_backend": DEFAULT_BACKEND if fused else None,
         "cached_graph_speedup": cold10k_ms / graphed if graphed else None,
         "host_us_per_call": host_costs,
         "target_cached_speedup": 40.0,

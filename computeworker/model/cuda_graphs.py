@@ -50,35 +50,39 @@ class _Slot:
     batch_size: int
     wrapper: object  # flashinfer.BatchDecodeWithPagedKVCacheWrapper (CUDA-graph mode)
     batch: ForwardBatch  # static inputs the graph reads
-    k_rows: torch.Tensor  # [bs] int64 rows of kv_layer.view(-1, heads, dim) receiving K
-    v_rows: torch.Tensor
+    kv_rows: torch.Tensor  # [bs, 2] int64 rows of kv_layer.view(-1, heads, dim) receiving K and V
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
 
 
 class GraphAttention:
     """The attention backend inside a captured graph (decode or extend): planning happens outside, before
-    each replay, so begin() does nothing. forward writes K/V at the static rows (padding rows aim at
-    row 0's slot), writes row 0 again so it wins, then runs the CUDA-graph-mode wrapper.
+    each replay, so begin() does nothing. forward writes every row's K and V with one scatter through the
+    static [rows, 2] index (padding rows aim at row 0's slot, and duplicate targets land in no defined
+    order), writes row 0 again so it wins, then runs the CUDA-graph-mode wrapper.
 
     strided_q: pass q to the wrapper as the strided view it is (a slice of the fused QKV output) rather
     than a contiguous copy; only for wrappers whose kernel takes q's row stride (FlashInfer's fa2 paged
-    prefill does)."""
+    prefill does). out: a [rows, heads, head_dim] buffer the wrapper writes instead of allocating and
+    zeroing one per layer; rows the kernel does not compute (padding) keep earlier finite values, which
+    only ever flow into padding rows."""
 
     def __init__(
         self,
         wrapper: object,
-        k_rows: torch.Tensor,
-        v_rows: torch.Tensor,
+        kv_rows: torch.Tensor,
         shape: AttentionShape,
         *,
         strided_q: bool = False,
+        out: torch.Tensor | None = None,
     ) -> None:
+        if kv_rows.dim() != 2 or kv_rows.shape[1] != 2:
+            raise ValueError(f"kv_rows must be [rows, 2] (K row, V row), got {tuple(kv_rows.shape)}")
         self._wrapper = wrapper
-        self._k_rows = k_rows
-        self._v_rows = v_rows
+        self._kv_rows = kv_rows
         self._shape = shape
         self._strided_q = strided_q
+        self._out = out
 
     def begin(self, batch: ForwardBatch) -> None:
         return None
@@ -88,17 +92,32 @@ class GraphAttention:
     ) -> torch.Tensor:
         s = self._shape
         rows = kv_layer.view(-1, s.num_kv_heads, s.head_dim)
-        k = k.reshape(-1, s.num_kv_heads, s.head_dim)
-        v = v.reshape(-1, s.num_kv_heads, s.head_dim)
-        rows.index_copy_(0, self._k_rows, k)
-        rows.index_copy_(0, self._v_rows, v)
+        kv = kv_pairs(k.reshape(-1, s.num_kv_heads, s.head_dim), v.reshape(-1, s.num_kv_heads, s.head_dim))
+        rows.index_put_((self._kv_rows,), kv)
         # Padding rows aimed at row 0's slot: write row 0 again, last, so it wins.
-        rows.index_copy_(0, self._k_rows[:1], k[:1])
-        rows.index_copy_(0, self._v_rows[:1], v[:1])
+        rows.index_put_((self._kv_rows[:1],), kv[:1])
         q = q.reshape(-1, s.num_qo_heads, s.head_dim)
         if not (self._strided_q or q.is_contiguous()):
             q = q.contiguous()
-        return self._wrapper.run(q, kv_layer)  # type: ignore[attr-defined]
+        if self._out is None:
+            return self._wrapper.run(q, kv_layer)  # type: ignore[attr-defined]
+        return self._wrapper.run(q, kv_layer, out=self._out)  # type: ignore[attr-defined]
+
+
+def kv_pairs(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[T, 2, heads, dim] with k in [:, 0] and v in [:, 1]. A view when v sits right after k in every
+    row with the same strides (slices of the fused QKV output: [q | k | v] per token), else a copy."""
+    t, heads, dim = k.shape
+    if (
+        v.shape == k.shape
+        and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+        and v.stride() == k.stride()
+        and k.stride(2) == 1
+        and k.stride(1) == dim
+        and v.storage_offset() == k.storage_offset() + heads * dim
+    ):
+        return k.as_strided((t, 2, heads, dim), (k.stride(0), heads * dim, dim, 1))
+    return torch.stack((k, v), dim=1)
 
 
 class DecodeGraphs:
@@ -157,7 +176,8 @@ class DecodeGraphs:
                     q_lens=(1,) * bs,
                     kv_lens=(1,) * bs,
                 )
-                self._slots[bs] = _Slot(bs, wrapper, batch, zeros.clone(), zeros.clone())
+                kv_rows = torch.zeros((bs, 2), dtype=torch.int64, device=device)
+                self._slots[bs] = _Slot(bs, wrapper, batch, kv_rows)
 
     @property
     def max_batch_size(self) -> int:
@@ -181,7 +201,7 @@ class DecodeGraphs:
         side = torch.cuda.Stream(self._attention.device)
         for bs in sorted(self.batch_sizes, reverse=True):  # largest first: the others reuse its memory
             slot = self._slots[bs]
-            attn = GraphAttention(slot.wrapper, slot.k_rows, slot.v_rows, self.shape)
+            attn = GraphAttention(slot.wrapper, slot.kv_rows, self.shape)
             self._plan(slot, (1,) * bs, slot.batch.kv_page_ids)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -217,12 +237,13 @@ class DecodeGraphs:
         static.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
         static.positions[:n].copy_(batch.positions, non_blocking=True)
         ps = self.shape.page_size
-        torch.add(batch.write_slots, batch.write_page_ids, alpha=2 * ps, out=slot.k_rows[:n])
+        k_rows, v_rows = slot.kv_rows[:, 0], slot.kv_rows[:, 1]
+        torch.add(batch.write_slots, batch.write_page_ids, alpha=2 * ps, out=k_rows[:n])
         if pad:
             static.input_ids[n:].zero_()
             static.positions[n:].zero_()
-            slot.k_rows[n:].copy_(slot.k_rows[:1].expand(pad))
-        torch.add(slot.k_rows, ps, out=slot.v_rows)
+            k_rows[n:].copy_(k_rows[:1].expand(pad))
+        torch.add(k_rows, ps, out=v_rows)
         slot.graph.replay()
         return slot.logits[:n]
 

@@ -13,8 +13,8 @@ One graph per (number of sequences, padded token count) replays the whole fused 
 
 Padding: a step of T real tokens replays the graph of the smallest bucket >= T. The T_pad - T padding
 tokens (id 0, position 0) lie past qo_indptr[n] = T, so the attention kernel never reads or computes them
-(the graph's attention output rows for them stay zero); their rows through the linear layers are
-independent of the real ones. Their K/V writes are aimed at the first real token's slot, and that token's
+(their rows of the attention output buffer keep whatever finite values an earlier layer or replay left);
+their rows through the linear layers are independent of the real ones. Their K/V writes are aimed at the first real token's slot, and that token's
 K/V is written again right after, so the pool ends up exactly as an eager step leaves it and no slot
 outside the batch's own write slots is touched.
 
@@ -88,8 +88,8 @@ class _Slot:
     num_tokens: int  # the bucket: rows the graph computes
     wrapper: object  # flashinfer.BatchPrefillWithPagedKVCacheWrapper (CUDA-graph mode)
     batch: ForwardBatch  # static inputs the graph reads
-    k_rows: torch.Tensor  # [num_tokens] int64 rows of kv_layer.view(-1, heads, dim) receiving K
-    v_rows: torch.Tensor
+    kv_rows: torch.Tensor  # [num_tokens, 2] int64 rows of kv_layer.view(-1, heads, dim) receiving K and V
+    out: torch.Tensor  # [num_tokens, heads, head_dim] the attention output buffer, shared by all layers
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
     plan_key: tuple[int, ...] | None = None  # the capture-time plan's launch record
@@ -164,7 +164,13 @@ class ExtendGraphs:
                         q_lens=q_lens,
                         kv_lens=q_lens,
                     )
-                    slot = _Slot(bs, num_tokens, wrapper, batch, zeros.clone(), zeros.clone())
+                    kv_rows = torch.zeros((num_tokens, 2), dtype=torch.int64, device=device)
+                    out = torch.zeros(
+                        (num_tokens, self.shape.num_qo_heads, self.shape.head_dim),
+                        dtype=attention.dtype,
+                        device=device,
+                    )
+                    slot = _Slot(bs, num_tokens, wrapper, batch, kv_rows, out)
                     self._slots[(bs, num_tokens)] = slot
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -199,7 +205,7 @@ class ExtendGraphs:
             slot.plan_key = _plan_key(slot.wrapper)
             # fa2's kernel reads q through its row stride: the q slice of the fused QKV output needs no copy.
             attn = GraphAttention(
-                slot.wrapper, slot.k_rows, slot.v_rows, self.shape, strided_q=self.backend == "fa2"
+                slot.wrapper, slot.kv_rows, self.shape, strided_q=self.backend == "fa2", out=slot.out
             )
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -250,13 +256,14 @@ class ExtendGraphs:
         static.qo_indptr.copy_(batch.qo_indptr, non_blocking=True)
         static.input_ids[:num_tokens].copy_(batch.input_ids, non_blocking=True)
         static.positions[:num_tokens].copy_(batch.positions, non_blocking=True)
-        torch.add(batch.write_slots, batch.write_page_ids, alpha=2 * ps, out=slot.k_rows[:num_tokens])
+        k_rows, v_rows = slot.kv_rows[:, 0], slot.kv_rows[:, 1]
+        torch.add(batch.write_slots, batch.write_page_ids, alpha=2 * ps, out=k_rows[:num_tokens])
         pad = bucket - num_tokens
         if pad:
             static.input_ids[num_tokens:].zero_()
             static.positions[num_tokens:].zero_()
-            slot.k_rows[num_tokens:].copy_(slot.k_rows[:1].expand(pad))
-        torch.add(slot.k_rows, ps, out=slot.v_rows)
+            k_rows[num_tokens:].copy_(k_rows[:1].expand(pad))
+        torch.add(k_rows, ps, out=v_rows)
         slot.graph.replay()
         return slot.logits
 

@@ -15,7 +15,7 @@ from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from tests.gpu.test_attention_flashinfer import BF16_REL_TOL, DIM, HEADS, KV_HEADS, PAGE, reference, rel_err
 
 BUCKET = 128
-NUM_PAGES = 700  # 10,100 tokens need 632 pages; the second sequence uses pages 640..
+NUM_PAGES = 1300  # 10,190 tokens need 637 pages: the first sequence owns pages 0..639, the second 640..
 LONG = 10_000
 
 
@@ -57,7 +57,7 @@ def test_one_graph_serves_short_and_long_prefixes(backend: str) -> None:
     )
     graphs.capture(scratch)
     pages_a = list(range(640))
-    pages_b = list(range(640, NUM_PAGES))
+    pages_b = list(range(640, 1280))
     # (start position, new tokens) per sequence: short prefixes, the long one, a cold full bucket, both.
     steps = [
         [(16, 100)],
