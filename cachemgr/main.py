@@ -78,6 +78,7 @@ async def _start_http(
         api_keys=frozenset(config.api_keys),
         salt_from_api_key=config.salt_from_api_key,
         vocab_size=spec.vocab_size,
+        tokenize_cache_bytes=config.tokenize_cache_size,
     )
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
