@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,16 +89,21 @@ def _arrivals(rng: np.random.Generator, cfg: TraceConfig) -> list[float]:
     return out
 
 
+def _system_prompts(
+    rng: np.random.Generator, next_id: Iterator[int], count: int, blocks: tuple[int, int], zipf_a: float
+) -> tuple[list[list[int]], np.ndarray]:
+    """``count`` system prompts of uniform length in ``blocks`` (fresh ids), and their Zipf popularity."""
+    lo, hi = blocks
+    systems = [[next(next_id) for _ in range(int(rng.integers(lo, hi + 1)))] for _ in range(count)]
+    ranks = np.arange(1, count + 1, dtype=np.float64)
+    return systems, ranks**-zipf_a / np.sum(ranks**-zipf_a)
+
+
 def generate(cfg: TraceConfig) -> list[dict[str, object]]:
     """All requests of the trace, sorted by timestamp."""
     rng = np.random.default_rng(cfg.seed)
     next_id = iter(range(1, 2**31 - 1))
-    lo, hi = cfg.system_blocks
-    systems = [
-        [next(next_id) for _ in range(int(rng.integers(lo, hi + 1)))] for _ in range(cfg.num_system_prompts)
-    ]
-    ranks = np.arange(1, cfg.num_system_prompts + 1, dtype=np.float64)
-    popularity = ranks**-cfg.zipf_a / np.sum(ranks**-cfg.zipf_a)
+    systems, popularity = _system_prompts(rng, next_id, cfg.num_system_prompts, cfg.system_blocks, cfg.zipf_a)
     # (t_s, session, context, turns left, turn, kind) with kind 0 chat, 1 agent, 2 one-off
     events: list[tuple[float, int, list[int], int, int, int]] = []
     for session, start in enumerate(_arrivals(rng, cfg)):
@@ -177,12 +183,7 @@ def generate_multiturn(cfg: MultiturnConfig) -> list[dict[str, object]]:
     """All requests of a multiturn trace, sorted by timestamp."""
     rng = np.random.default_rng(cfg.seed)
     next_id = iter(range(1, 2**31 - 1))
-    lo, hi = cfg.system_blocks
-    systems = [
-        [next(next_id) for _ in range(int(rng.integers(lo, hi + 1)))] for _ in range(cfg.num_system_prompts)
-    ]
-    ranks = np.arange(1, cfg.num_system_prompts + 1, dtype=np.float64)
-    popularity = ranks**-cfg.zipf_a / np.sum(ranks**-cfg.zipf_a)
+    systems, popularity = _system_prompts(rng, next_id, cfg.num_system_prompts, cfg.system_blocks, cfg.zipf_a)
     bt = cfg.block_tokens
     is_agent = rng.random(cfg.clients) < cfg.agent_share
     starts = np.cumsum(rng.exponential(cfg.ramp_s / cfg.clients, cfg.clients))
