@@ -16,15 +16,19 @@ goes into a ghost record, ``(depth, first evicted page) -> (class, last use, pag
 pool's page count (oldest dropped first). A miss whose first missing page is a ghost gives an event with
 the true gap; a ghost dropped unused gives a censoring at its age then.
 
-The price is a feedback loop on the eviction clock: a leaf evicted after its keep time ran out means the
-cache had room to keep leaves longer (price down); one evicted before means keep times promise more than
-fits (price up). Keep times are recomputed every ``refresh`` evictions and capped at ``max_scale`` times
-the mean idle age of evicted leaves, so a mistaken class cannot squat for long.
+Every ``refresh`` evictions the keep times are refitted for the occupancy the cache actually held: the
+budget is M at the realised keep times (keep offset + the mean of age minus offset over the window's
+evictions), smoothed by ``smooth``. ``keep_flat`` is the one keep time for all classes (LRU order) with
+that budget; the heap key is ``last_access + trust * min(keep(class) - keep_flat, max_scale * keep_flat)``,
+an offset from LRU order, so a drifting absolute level never reorders leaves already on the heap.
+``trust`` (starts at ``trust``, 0 = exact LRU) moves by ``step`` toward the measured outcome: pages hit
+that LRU order would have evicted (gap > keep_flat) against ``loss_weight`` times pages missed that it
+would have kept (a ghost hit with gap <= keep_flat), damped by ``evidence`` pages.
 
 State: the tracked-leaf map (at most the live evictable leaves plus leaves dropped by ``flush``, pruned when
 it doubles), the ghost record (at most ``num_pages`` pages), the class statistics (fixed size). O(1) per
-hook besides the path walk in ``on_use``; keep-time refresh is O(classes * buckets) every ``refresh``
-evictions. Deterministic: no randomness, no hashing of ids.
+hook besides the path walk in ``on_use``; the refit is O(classes * buckets * 40) numpy work every
+``refresh`` evictions. Deterministic: no randomness, no hashing of ids.
 """
 
 from __future__ import annotations
