@@ -83,7 +83,7 @@ class ReusePolicy(EvictionPolicy):
         self.refresh = refresh
         groups = [c // (NUM_DEPTHS * NUM_SIZES) for c in range(NUM_CLASSES)]  # shrink toward the kind
         self.stats = GapStats(groups, prior=prior, decay=decay)
-        self.keep = np.zeros(NUM_CLASSES)  # keep time per class, ticks; all 0 = LRU
+        self.keep = np.zeros(NUM_CLASSES)  # heap-key offset per class from LRU order, ticks; all 0 = LRU
         self._keep_list: list[float] = [0.0] * NUM_CLASSES
         self._pushed_list: list[float] = [0.0] * NUM_CLASSES  # decayed pages pushed per class
         self._budget = 0.0  # modelled occupancy the cache holds (weights @ M(keep)), smoothed
