@@ -12,7 +12,6 @@ import math
 
 from cachemgr.cache.node import TreeNode
 from cachemgr.cache.policy_base import EvictionPolicy
-from cachemgr.cache.policy_reuse import ReusePolicy
 
 
 class LRUPolicy(EvictionPolicy):
@@ -192,7 +191,6 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     LRUPolicy.name: LRUPolicy,
     LFRUPolicy.name: LFRUPolicy,
     GhostPolicy.name: GhostPolicy,
-    ReusePolicy.name: ReusePolicy,
 }
 DEFAULT_POLICY = "ghost"
 
