@@ -18,6 +18,7 @@ import concurrent.futures
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,7 +90,10 @@ class WorkerRuntime:
     ) -> None:
         """on_pool(pool tensor, attention): called on the compute thread after each new pool mapping or
         attention backend, before the session serves (CUDA: warm kernels, capture graphs).
-        make_fence / on_step: handed to every Engine (see computeworker.engine.fences)."""
+        make_fence: handed to every Engine (see computeworker.engine.fences). on_step: called on the
+        event loop with each step's StepStats once the step's messages are sent (a log line must not
+        delay the first token). At DEBUG level each step also logs a `trace` line: where the time
+        between a Dispatch arriving and its messages leaving went."""
         self._config = config
         self._model = model
         self._make_attention = make_attention  # page_size -> backend (FlashInfer plans need it)
@@ -102,6 +106,8 @@ class WorkerRuntime:
         self._on_step = on_step
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self._inflight: concurrent.futures.Future[int] | None = None
+        self._step_stats: list[StepStats] = []  # appended on the compute thread, drained on the loop
+        self._dispatch_at: float | None = None  # perf_counter of the latest Dispatch read (trace only)
         self._pool: MappedPool | None = None
         self._pool_desc: PoolDescriptor | None = None
         self._codec = Codec()
@@ -243,7 +249,7 @@ class WorkerRuntime:
             config,
             rng=random.Random(),
             make_fence=self._make_fence,
-            on_step=self._on_step,
+            on_step=self._step_stats.append,
         )
 
     async def _read(self, link: DaemonLink, inbox: list[DaemonToWorker], wakeup: asyncio.Event) -> None:
@@ -266,6 +272,8 @@ class WorkerRuntime:
             if isinstance(msg, Welcome):
                 log.warning("ignoring an unexpected Welcome")
                 continue
+            if isinstance(msg, Dispatch):
+                self._dispatch_at = time.perf_counter()
             inbox.append(msg)
             wakeup.set()
 
@@ -289,14 +297,17 @@ class WorkerRuntime:
             for out in engine.take_messages():
                 await link.send(out)
             if engine.has_work():
+                submitted = time.perf_counter()
                 self._inflight = self._executor.submit(engine.step)
                 try:
                     await asyncio.wrap_future(self._inflight)
                 except Exception:
                     log.exception("a step failed: aborting every running request")
                     engine.fail_all()
+                returned = time.perf_counter()
                 for out in engine.take_messages():
                     await link.send(out)
+                self._report_steps(submitted, returned)
             elif (fence := engine.pending_fence()) is not None:
                 # Commits wait for the kernels that wrote their pages; wait off the loop and the
                 # compute thread.
@@ -304,6 +315,31 @@ class WorkerRuntime:
             elif not inbox:
                 wakeup.clear()
                 await wakeup.wait()
+
+    def _report_steps(self, submitted: float, returned: float) -> None:
+        """Hand the finished step's stats to on_step and, at DEBUG, log its trace: dispatch (the latest
+        Dispatch read -> step submitted), the step's own phases, handoff (loop -> compute thread -> loop,
+        beyond the step's own time) and send (step returned -> its messages handed to ZeroMQ)."""
+        sent = time.perf_counter()
+        stats, self._step_stats[:] = list(self._step_stats), []
+        for st in stats:
+            if self._on_step is not None:
+                self._on_step(st)
+            if log.isEnabledFor(logging.DEBUG):
+                dispatch_at, self._dispatch_at = self._dispatch_at, None
+                log.debug(
+                    "trace tokens=%d cached=%d dispatch_ms=%.3f step_ms=%.3f build_ms=%.3f forward_ms=%.3f "
+                    "sample_ms=%.3f handoff_ms=%.3f send_ms=%.3f",
+                    st.num_tokens,
+                    st.num_cached_tokens,
+                    (submitted - dispatch_at) * 1e3 if dispatch_at is not None else -1.0,
+                    st.seconds * 1e3,
+                    st.build_s * 1e3,
+                    st.forward_s * 1e3,
+                    st.sample_s * 1e3,
+                    (returned - submitted - st.seconds) * 1e3,
+                    (sent - returned) * 1e3,
+                )
 
     async def _apply(self, link: DaemonLink, engine: Engine, msg: DaemonToWorker) -> None:
         try:

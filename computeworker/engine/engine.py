@@ -17,10 +17,11 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from computeworker.engine.fences import Fence, StepStats
@@ -156,7 +157,7 @@ class Engine:
         """Switch the committed prompt pages to the ids the tree now holds. Raises ValueError if the ack
         does not match a commit in flight."""
         req = self._running.get(msg.request_id)
-        page_ids = bytes_to_ids(msg.page_ids).tolist()
+        page_ids = bytes_to_ids(msg.page_ids)
         if req is None or req.phase is not Phase.AWAIT_COMMIT or len(page_ids) != req.num_committed_pages:
             raise ValueError(f"unexpected CommitAck for {msg.request_id.hex()}")
         self._check_page_ids(page_ids)
@@ -166,11 +167,11 @@ class Engine:
 
     def on_pages_granted(self, msg: PagesGranted) -> None:
         req = self._running.get(msg.request_id)
-        page_ids = bytes_to_ids(msg.page_ids).tolist()
+        page_ids = bytes_to_ids(msg.page_ids)
         if req is None or not req.pages_requested:
             raise ValueError(f"unexpected PagesGranted for {msg.request_id.hex()}")
         self._check_page_ids(page_ids)
-        req.page_table.extend(page_ids)
+        req.page_table = np.concatenate([req.page_table, page_ids])
         req.pages_requested = False
         self._service(req)
 
@@ -238,14 +239,19 @@ class Engine:
         start = time.perf_counter()
         num_prefill = sum(e.num_tokens for e in entries if e.request.is_prefilling)
         batch = build_batch(entries, self.config.page_size, self._pool.device)
+        built = time.perf_counter()
         logits = self._model.forward(batch, self._pool, self._attention)
+        issued = time.perf_counter()
         if self._make_fence is not None:
             self._last_fence = self._make_fence()
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
+        if len(sampling_rows) < len(entries):  # some rows end mid-prompt (chunked prefill)
+            logits = logits[sampling_rows]
         tokens = sample_batch(
-            logits[sampling_rows],
+            logits,
             [RowSampling(entries[i].request.sampling, entries[i].request.generator) for i in sampling_rows],
         )
+        sampled_at = time.perf_counter()
         sampled = dict(zip(sampling_rows, tokens, strict=True))
         for i, entry in enumerate(entries):
             entry.request.num_computed += entry.num_tokens
@@ -259,6 +265,9 @@ class Engine:
                     num_prefill_tokens=num_prefill,
                     num_cached_tokens=sum(kv - q for q, kv in zip(batch.q_lens, batch.kv_lens, strict=True)),
                     seconds=time.perf_counter() - start,
+                    build_s=built - start,
+                    forward_s=issued - built,
+                    sample_s=sampled_at - issued,
                 )
             )
         for req in list(self._running.values()):
@@ -269,11 +278,11 @@ class Engine:
 
     def _make_request(self, msg: Dispatch) -> Request:
         ps = self.config.page_size
-        prompt = bytes_to_ids(msg.tokens).tolist()
-        prefix = bytes_to_ids(msg.prefix_page_ids).tolist()
-        new = bytes_to_ids(msg.new_page_ids).tolist()
+        prompt = bytes_to_ids(msg.tokens)  # a view of the frame: never copied into Python ints
+        prefix = bytes_to_ids(msg.prefix_page_ids)
+        new = bytes_to_ids(msg.new_page_ids)
         msg.sampling.validate()
-        if not prompt:
+        if not len(prompt):
             raise ValueError("empty prompt")
         if self.get(msg.request_id) is not None:
             raise ValueError(f"request {msg.request_id.hex()} is already here")
@@ -281,37 +290,40 @@ class Engine:
             raise ValueError(f"matched_len {msg.matched_len} is not a page boundary within the prompt")
         if len(prefix) != msg.matched_len // ps:
             raise ValueError(f"{len(prefix)} prefix pages for matched_len {msg.matched_len}")
-        self._check_page_ids(prefix + new)
+        page_table = np.concatenate([prefix, new])  # a writable copy: CommitAck rewrites its head
+        self._check_page_ids(page_table)
         max_len = min(len(prompt) + msg.sampling.max_tokens, self.config.context_len)
         req = Request(
             request_id=msg.request_id,
-            tokens=prompt,
+            prompt=prompt,
             prompt_len=len(prompt),
             matched_len=msg.matched_len,
             sampling=msg.sampling,
             page_size=ps,
             max_len=max_len,
-            page_table=prefix + new,
+            page_table=page_table,
             num_computed=msg.matched_len,
             generator=make_generator(msg.sampling, self._pool.device, self._rng.getrandbits(63)),
         )
         if msg.matched_len == len(prompt):
             # Full hit: recompute the last prompt token into a private copy of its page.
             req.num_computed = len(prompt) - 1
-            req.cow_source = prefix[-1]
-            req.page_table = prefix[:-1] + new
+            req.cow_source = int(prefix[-1])
+            req.page_table = np.delete(page_table, len(prefix) - 1)
         if msg.sampling.stop:
-            detok = self._tokenizer.detokenizer(prompt)
+            detok = self._tokenizer.detokenizer(prompt.tolist())
             req.stop_matcher = StopStringMatcher(msg.sampling.stop, detok)
         if len(prompt) >= self.config.context_len:
             req.finish(FinishReason.LENGTH)
         return req
 
-    def _check_page_ids(self, page_ids: Sequence[int]) -> None:
+    def _check_page_ids(self, page_ids: np.ndarray) -> None:
         num_pages = self._pool.shape[1]
-        if any(not 0 <= p < num_pages for p in page_ids):
+        if len(page_ids) == 0:
+            return
+        if page_ids.min() < 0 or page_ids.max() >= num_pages:
             raise ValueError(f"page ids outside the pool of {num_pages} pages")
-        if len(set(page_ids)) != len(page_ids):
+        if len(np.unique(page_ids)) != len(page_ids):
             raise ValueError("duplicate page ids")
 
     def _admit(self) -> None:
@@ -328,21 +340,20 @@ class Engine:
         if is_eos or token in params.stop_token_ids:
             req.finish(FinishReason.STOP)  # the stop token itself is not part of the output
         else:
-            req.tokens.append(token)
+            req.output.append(token)
             stop = req.stop_matcher.push(token) if req.stop_matcher is not None else None
             if stop is not None:
                 req.finish(FinishReason.STOP, stop)
-            elif len(req.tokens) >= req.max_len:
+            elif req.num_tokens >= req.max_len:
                 req.finish(FinishReason.LENGTH)
         self._flush(req, force=prompt_done_now or req.is_finished)
         if prompt_done_now:
             commit = req.prompt_commit()
             if commit is not None:
-                tokens, pages = commit
-                msg = Commit(req.request_id, ids_to_bytes(tokens), ids_to_bytes(pages))
+                msg = Commit(req.request_id, commit.tokens, commit.page_ids)
                 self._outbox.append((msg, self._last_fence))
                 req.phase = Phase.AWAIT_COMMIT
-                req.num_committed_pages = len(pages)
+                req.num_committed_pages = commit.num_pages
 
     def _flush(self, req: Request, *, force: bool) -> None:
         pending = req.num_output - req.num_emitted
@@ -368,10 +379,11 @@ class Engine:
             if req.phase is Phase.AWAIT_COMMIT and req.finish_reason is not FinishReason.ABORT:
                 return  # Finished must name the pages the CommitAck settles
             self._flush(req, force=True)
-            tokens, pages = req.final_commit() if req.finish_reason is not FinishReason.ABORT else ([], [])
-            finished = Finished(
-                req.request_id, req.finish_reason, ids_to_bytes(tokens), ids_to_bytes(pages), req.stop_text
+            final = req.final_commit() if req.finish_reason is not FinishReason.ABORT else None
+            tokens, pages = (
+                (final.tokens, final.page_ids) if final is not None and final.num_pages else (b"", b"")
             )
+            finished = Finished(req.request_id, req.finish_reason, tokens, pages, req.stop_text)
             self._outbox.append((finished, self._last_fence if pages else None))
             self._running.pop(req.request_id, None)
             self._admit()

@@ -15,7 +15,7 @@ On CPU there is no fence (the forward is synchronous); tests pass their own fenc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -46,10 +46,17 @@ def cuda_fence_factory(device: torch.device) -> Callable[[], Fence]:
 
 @dataclass(frozen=True, slots=True)
 class StepStats:
-    """One forward step as the engine saw it (wall time, batch building to sampled tokens)."""
+    """One forward step as the engine saw it (wall time, batch building to sampled tokens), and where
+    that time went on the host: building the batch, issuing the forward (on CUDA it returns before the
+    kernels finish), sampling (on CUDA this waits for them: the step's one device sync); the rest of
+    `seconds` is bookkeeping after sampling (tokens accepted, messages queued)."""
 
     num_seqs: int
     num_tokens: int
     num_prefill_tokens: int  # tokens of sequences still in their prompt
     num_cached_tokens: int  # positions already in the pool that the batch attends over
     seconds: float
+    # Breakdown of `seconds` (left out of equality: two stats describe the same step whatever the split).
+    build_s: float = field(default=0.0, compare=False)
+    forward_s: float = field(default=0.0, compare=False)
+    sample_s: float = field(default=0.0, compare=False)

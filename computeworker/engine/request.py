@@ -8,8 +8,12 @@ Positions and pages (page_size 4 in the picture)::
     num_computed:                                           ^ K/V written for [0, num_computed)
     page_table:  [p0][p1]  [n0][n1][n2] ...  position i lives in page_table[i // page_size], slot i % page_size
 
-The last token of `tokens` is never fed to the model before the next step, so during decode
-num_computed == len(tokens) - 1. Pages before matched_len belong to the radix tree (read-only, shared);
+The prompt is kept as the int32 array the Dispatch carried (a read-only view of its bytes: a 10k-token
+prompt is never turned into Python ints) and the output as a list; the page table is an int32 array, so
+building a batch or a commit from them costs array slices, not per-id Python work.
+
+The last token of prompt + output is never fed to the model before the next step, so during decode
+num_computed == num_tokens - 1. Pages before matched_len belong to the radix tree (read-only, shared);
 the rest are this request's own until it commits them.
 
 A full hit (matched_len == prompt_len) still needs logits for the last prompt token, so that token is
@@ -19,11 +23,14 @@ recomputed into a private copy of the last cached page (copy-on-write): the shar
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from computeworker.engine.stop import StopStringMatcher
+from shared.ids import ID_DTYPE
 from shared.protocol import FinishReason, SamplingParams
 
 
@@ -32,19 +39,28 @@ class Phase(enum.Enum):
     AWAIT_COMMIT = "await_commit"  # prompt pages committed; their ids may change until CommitAck
 
 
+class CommitRange(NamedTuple):
+    """Full pages to commit: their tokens and page ids as wire bytes (little-endian int32)."""
+
+    tokens: bytes
+    page_ids: bytes
+    num_pages: int
+
+
 @dataclass(slots=True)
 class Request:
     """Mutable state of one request. Only the engine (one thread at a time) touches it."""
 
     request_id: bytes
-    tokens: list[int]  # prompt + output fed or sampled so far
+    prompt: np.ndarray  # int32 [prompt_len], read-only
     prompt_len: int
     matched_len: int
     sampling: SamplingParams
     page_size: int
     max_len: int  # the sequence never grows past this: min(prompt + max_tokens, context length)
-    page_table: list[int]
+    page_table: np.ndarray  # int32, writable: position i lives in page_table[i // page_size]
     num_computed: int
+    output: list[int] = field(default_factory=list)  # tokens sampled so far (fed back one by one)
     generator: torch.Generator | None = None
     stop_matcher: StopStringMatcher | None = None
     cow_source: int | None = None  # shared page to copy into page_table[num_computed // page_size]
@@ -59,12 +75,23 @@ class Request:
     finish_sent: bool = False
 
     @property
-    def output(self) -> list[int]:
-        return self.tokens[self.prompt_len :]
+    def num_tokens(self) -> int:
+        """Prompt + output tokens so far."""
+        return self.prompt_len + len(self.output)
 
     @property
     def num_output(self) -> int:
-        return len(self.tokens) - self.prompt_len
+        return len(self.output)
+
+    def token_ids(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of prompt + output as int32 (a view when inside the prompt)."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise ValueError(f"token range [{start}, {stop}) outside {self.num_tokens} tokens")
+        p = self.prompt_len
+        if stop <= p:
+            return self.prompt[start:stop]
+        tail = np.asarray(self.output[max(start - p, 0) : stop - p], dtype=ID_DTYPE)
+        return tail if start >= p else np.concatenate([self.prompt[start:], tail])
 
     @property
     def is_finished(self) -> bool:
@@ -78,7 +105,7 @@ class Request:
     @property
     def num_pending_tokens(self) -> int:
         """Tokens waiting to be fed: the rest of the prompt, or the one sampled token while decoding."""
-        return len(self.tokens) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     @property
     def is_prefilling(self) -> bool:
@@ -103,14 +130,18 @@ class Request:
             self.finish_reason = reason
             self.stop_text = stop_text
 
-    def final_commit(self) -> tuple[list[int], list[int]]:
-        """Tokens and pages of every full page whose K/V is written (prompt + output)."""
-        num_pages = self.num_computed // self.page_size
-        return self.tokens[: num_pages * self.page_size], self.page_table[:num_pages]
+    def final_commit(self) -> CommitRange:
+        """Every full page whose K/V is written (prompt + output)."""
+        return self._commit_range(self.num_computed // self.page_size)
 
-    def prompt_commit(self) -> tuple[list[int], list[int]] | None:
+    def prompt_commit(self) -> CommitRange | None:
         """The prompt's full pages to commit after prefill, or None when none of them is new."""
         num_pages = self.prompt_len // self.page_size
         if num_pages * self.page_size <= self.matched_len:
             return None
-        return self.tokens[: num_pages * self.page_size], self.page_table[:num_pages]
+        return self._commit_range(num_pages)
+
+    def _commit_range(self, num_pages: int) -> CommitRange:
+        tokens = self.token_ids(0, num_pages * self.page_size)
+        pages = self.page_table[:num_pages]
+        return CommitRange(tokens.astype(ID_DTYPE, copy=False).tobytes(), pages.tobytes(), num_pages)

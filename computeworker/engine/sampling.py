@@ -80,6 +80,10 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
     out = [0] * len(rows)
     greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0.0]
+    if len(greedy) == len(rows):
+        # The common case needs no row gather (on CUDA a list index is a host-to-device copy too):
+        # one argmax kernel and the one device sync that reads its result.
+        return torch.argmax(logits, dim=-1).tolist()
     if greedy:
         picked = torch.argmax(logits[greedy], dim=-1).tolist()
         for i, tok in zip(greedy, picked, strict=True):
