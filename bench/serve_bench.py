@@ -33,6 +33,12 @@ from cachemgr.launcher import StackConfig, Supervisor, free_port
 
 TINY = LlamaShape(1000, 256, 512, 2, 4, 2, 64, 32768, 10000.0, 1e-5)
 _STEP = re.compile(r"step seqs=(\d+) tokens=(\d+) prefill=(\d+) cached=(\d+) ms=([\d.]+)")
+# The worker's DEBUG trace of each step (computeworker.runtime): where the time from a Dispatch read to
+# its messages handed to ZeroMQ went.
+_TRACE_FIELDS = ("dispatch", "step", "build", "forward", "sample", "handoff", "send")
+_TRACE = re.compile(
+    r"trace tokens=(\d+) cached=(\d+) " + " ".join(rf"{f}_ms=(-?[\d.]+)" for f in _TRACE_FIELDS)
+)
 GIB = 1 << 30
 
 
@@ -74,7 +80,7 @@ class Stack:
             ),
             worker_args=(
                 "--random-weights", "--dtype", kv_dtype, "--max-running", str(args.max_running),
-                "--prefill-chunk", str(args.prefill_chunk), "--log-steps",
+                "--prefill-chunk", str(args.prefill_chunk), "--log-steps", "--log-level", "DEBUG",
                 *(() if args.cuda_graphs else ("--no-cuda-graphs",)),
             ),
         )  # fmt: skip
@@ -94,14 +100,25 @@ class Stack:
     def log_sizes(self) -> list[int]:
         return [(self.log_dir / f"worker-{i}.log").stat().st_size for i in range(self.workers)]
 
+    def _log_since(self, i: int, offset: int) -> str:
+        with open(self.log_dir / f"worker-{i}.log", "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
     def steps(self, since: list[int]) -> list[list[tuple[int, int, int, int, float]]]:
         """Per worker: (seqs, tokens, prefill, cached, ms) of every step logged after `since`."""
         out = []
         for i, offset in enumerate(since):
-            with open(self.log_dir / f"worker-{i}.log", "rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
+            text = self._log_since(i, offset)
             out.append([(int(a), int(b), int(c), int(d), float(e)) for a, b, c, d, e in _STEP.findall(text)])
+        return out
+
+    def traces(self, since: list[int]) -> list[tuple[int, int, dict[str, float]]]:
+        """(tokens, cached, {field: ms}) of every worker step trace logged after `since`."""
+        out = []
+        for i, offset in enumerate(since):
+            for m in _TRACE.findall(self._log_since(i, offset)):
+                out.append((int(m[0]), int(m[1]), dict(zip(_TRACE_FIELDS, map(float, m[2:]), strict=True))))
         return out
 
 
@@ -157,6 +174,12 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
     hot_ms = [
         ms for seqs, tok, _, cached, ms in steps if seqs == 1 and tok == args.question_tokens and cached
     ]
+    # Hot steps that started from a Dispatch (dispatch_ms >= 0): the worker's part of the cached TTFT.
+    hot_traces = [
+        t
+        for tok, cached, t in stack.traces(got["since"])
+        if tok == args.question_tokens and cached and t["dispatch"] >= 0
+    ]
     cold_ttft = statistics.median(r.ttft_s for r in got["cold"])
     hot_ttft = statistics.median(r.ttft_s for r in got["hot"])
 
@@ -182,6 +205,11 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
         "cached_tokens_hot_text": [r.cached_tokens for r in got["hot_text"]],
         "forward_cold_ms": round(statistics.median(cold_ms), 3) if cold_ms else None,
         "forward_cached_ms": round(statistics.median(hot_ms), 3) if hot_ms else None,
+        "worker_trace_cached_ms": {
+            f: round(statistics.median(t[f] for t in hot_traces), 3) for f in _TRACE_FIELDS
+        }
+        if hot_traces
+        else None,
         "forward_cold_all_ms": cold_ms,
         "forward_cached_all_ms": hot_ms,
     }
@@ -443,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for log in sorted(tmp.glob("logs-*/*.log")):
                 lines = log.read_text(errors="replace").splitlines()
-                keep = [line for line in lines if "step seqs=" not in line]
+                keep = [line for line in lines if "step seqs=" not in line and " trace tokens=" not in line]
                 print(f"---- {log.parent.name}/{log.name} ({len(lines)} lines, steps omitted)")
                 print("\n".join(keep[-40:]))
     report = build_report(args, shape, card, bw, a, b, c1, c2, previous)
