@@ -227,10 +227,12 @@ class WorkerRuntime:
             self._pool = self._map_pool(desc)
             self._pool_desc = desc
             bound = False
+        pool = self._pool
+        assert pool is not None  # mapped above whenever the descriptor changed
         if not bound and self._on_pool is not None:
             # Warm-up takes seconds: run it where steps run, so heartbeats keep flowing meanwhile.
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._on_pool, self._pool.tensor, self._attention[1])
+            await loop.run_in_executor(self._executor, self._on_pool, pool.tensor, self._attention[1])
         config = EngineConfig(
             page_size=desc.page_size,
             context_len=info.context_len,
@@ -244,7 +246,7 @@ class WorkerRuntime:
         return Engine(
             self._model,
             self._attention[1],
-            self._pool.tensor,
+            pool.tensor,
             self._tokenizer,
             config,
             rng=random.Random(),

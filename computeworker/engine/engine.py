@@ -375,15 +375,16 @@ class Engine:
         ps = self.config.page_size
         if not req.is_finished and req.out_of_pages and req.num_free_slots == 0:
             req.finish(FinishReason.LENGTH)
-        if req.is_finished:
-            if req.phase is Phase.AWAIT_COMMIT and req.finish_reason is not FinishReason.ABORT:
+        reason = req.finish_reason
+        if reason is not None:
+            if req.phase is Phase.AWAIT_COMMIT and reason is not FinishReason.ABORT:
                 return  # Finished must name the pages the CommitAck settles
             self._flush(req, force=True)
-            final = req.final_commit() if req.finish_reason is not FinishReason.ABORT else None
+            final = req.final_commit() if reason is not FinishReason.ABORT else None
             tokens, pages = (
                 (final.tokens, final.page_ids) if final is not None and final.num_pages else (b"", b"")
             )
-            finished = Finished(req.request_id, req.finish_reason, tokens, pages, req.stop_text)
+            finished = Finished(req.request_id, reason, tokens, pages, req.stop_text)
             self._outbox.append((finished, self._last_fence if pages else None))
             self._running.pop(req.request_id, None)
             self._admit()
