@@ -131,6 +131,14 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
         5.0,
         "A worker silent this many seconds is dead: its leases are released and its requests re-dispatched.",
     ),
+    (
+        "worker_stall_timeout",
+        float,
+        120.0,
+        "A worker holding requests that completes no engine step (per its heartbeats) and sends nothing else "
+        "for this many seconds is told to shut down and its requests re-dispatched; 0 = off. Keep it above "
+        "the longest prefill chunk.",
+    ),
     ("max_queue", int, 256, "Requests waiting for a worker or pages before new ones get 'overloaded'."),
     (
         "page_wait_timeout",
@@ -192,6 +200,7 @@ class DaemonConfig:
     device: str
     heartbeat_interval: float
     heartbeat_timeout: float
+    worker_stall_timeout: float
     max_queue: int
     page_wait_timeout: float
     worker_wait_timeout: float
@@ -240,6 +249,7 @@ class DaemonConfig:
             endpoint=self.worker_endpoint,
             heartbeat_interval_s=self.heartbeat_interval,
             heartbeat_timeout_s=self.heartbeat_timeout,
+            worker_stall_timeout_s=self.worker_stall_timeout,
             max_queue=self.max_queue,
             page_wait_timeout_s=self.page_wait_timeout,
             worker_wait_timeout_s=self.worker_wait_timeout,

@@ -284,7 +284,11 @@ class WorkerRuntime:
             if engine is None:  # still starting: nothing running
                 await link.send(Heartbeat(0, 0, 0))
             else:
-                await link.send(Heartbeat(engine.num_running, engine.num_waiting, engine.kv_tokens_in_use))
+                await link.send(
+                    Heartbeat(
+                        engine.num_running, engine.num_waiting, engine.kv_tokens_in_use, engine.steps_done
+                    )
+                )
             await asyncio.sleep(interval_s)
 
     async def _drive(

@@ -101,9 +101,14 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", forbid_unknown_fields=True):
+    """Load report, every heartbeat interval. ``steps_done`` counts the engine steps completed since the
+    worker started (0 from workers that do not count): the daemon's stall watchdog reads progress from it,
+    since heartbeats alone also come from a worker whose compute is stuck."""
+
     num_running: int
     num_waiting: int
     kv_tokens_in_use: int = 0
+    steps_done: int = 0
 
 
 class Commit(msgspec.Struct, frozen=True, tag="commit", forbid_unknown_fields=True):

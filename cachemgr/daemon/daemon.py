@@ -294,3 +294,14 @@ class Daemon:
                     self._messages.drop_worker(worker, f"no message for {self.settings.heartbeat_timeout_s}s")
                 except Exception:
                     logger.exception("dropping worker %d failed", worker.worker_id)
+            stall_s = self.settings.worker_stall_timeout_s
+            for worker in self._workers.stalled(stall_s) if stall_s else ():
+                why = f"no progress for {stall_s}s with {len(worker.request_ids)} requests (stalled)"
+                try:
+                    # Told to stop, or it would register again and take new requests into the same hang.
+                    self._link.send(
+                        worker.identity, Shutdown(reason=f"the daemon dropped this worker: {why}")
+                    )
+                    self._messages.drop_worker(worker, why)
+                except Exception:
+                    logger.exception("dropping worker %d failed", worker.worker_id)

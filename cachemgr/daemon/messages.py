@@ -74,7 +74,9 @@ class WorkerMessages:
         if worker is None:
             self.s.link.reply_error(identity, ErrorCode.NOT_REGISTERED, "register first", request_id)
             return
-        worker.last_seen = time.monotonic()
+        worker.last_seen = now = time.monotonic()
+        if type(msg) is not Heartbeat:
+            worker.progress_at = now
         try:
             self._handlers[type(msg)](worker, msg)
         except BadMessage as exc:
@@ -136,6 +138,9 @@ class WorkerMessages:
     def _heartbeat(self, worker: WorkerState, msg: Heartbeat) -> None:
         worker.reported_running = msg.num_running
         worker.reported_waiting = msg.num_waiting
+        if msg.steps_done != worker.steps_done:
+            worker.steps_done = msg.steps_done
+            worker.progress_at = worker.last_seen
 
     def _goodbye(self, worker: WorkerState, msg: Goodbye) -> None:
         self.drop_worker(worker, f"said goodbye ({msg.reason or 'no reason'})")

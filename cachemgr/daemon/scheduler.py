@@ -137,6 +137,8 @@ class Scheduler:
             return False
         req.lease_id = lease.lease_id
         req.worker = worker
+        if not worker.request_ids:  # the stall clock starts when an idle worker gets work
+            worker.progress_at = time.monotonic()
         worker.request_ids.add(req.request_id)
         sampling = req.sampling
         if req.generated:

@@ -16,7 +16,11 @@ class DaemonSettings:
     worker_wait_timeout_s how long an accepted request waits for a worker with capacity.
     worker_hung_timeout_s: a worker dropped for silence whose process is still alive on this host (same
     pid namespace) may still write its pages, so its leases are quarantined, not released, until the
-    process is gone or this long has passed; its requests resume elsewhere at once. decode_page_chunk: pages handed out per decode chunk. max_attempts: dispatches per request before a
+    process is gone or this long has passed; its requests resume elsewhere at once.
+    worker_stall_timeout_s: a worker that holds requests but shows no progress this long (no engine step
+    completed per its heartbeats, no other message) is told to shut down and dropped like a silent one;
+    0 turns the watchdog off. It must exceed the longest single engine step (one prefill chunk).
+    decode_page_chunk: pages handed out per decode chunk. max_attempts: dispatches per request before a
     request whose workers keep dying fails.
     """
 
@@ -24,6 +28,7 @@ class DaemonSettings:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     worker_hung_timeout_s: float = 60.0
+    worker_stall_timeout_s: float = 120.0
     max_queue: int = 256
     page_wait_timeout_s: float = 30.0
     worker_wait_timeout_s: float = 30.0
@@ -43,6 +48,10 @@ class DaemonSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.worker_hung_timeout_s < self.heartbeat_timeout_s:
             raise ValueError("worker_hung_timeout_s must be at least heartbeat_timeout_s")
+        if self.worker_stall_timeout_s < 0:
+            raise ValueError(
+                f"worker_stall_timeout_s must be >= 0 (0 = off), got {self.worker_stall_timeout_s}"
+            )
         for name in ("page_wait_timeout_s", "worker_wait_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -65,6 +65,8 @@ class WorkerState:
     request_ids: set[bytes] = field(default_factory=set)  # dispatched here and not finished
     reported_running: int = 0
     reported_waiting: int = 0
+    steps_done: int = 0  # last Heartbeat.steps_done
+    progress_at: float = 0.0  # monotonic time of the last sign of progress (see DaemonSettings)
 
     @property
     def has_capacity(self) -> bool:

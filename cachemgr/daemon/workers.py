@@ -43,6 +43,7 @@ class WorkerRegistry:
             model=reg.model,
             registered_at=now,
             last_seen=now,
+            progress_at=now,
             same_pid_namespace=reg.pid_namespace != 0 and reg.pid_namespace == pid_namespace_id(),
         )
         self._next_id += 1
@@ -61,6 +62,11 @@ class WorkerRegistry:
             if worker.has_capacity and (best is None or len(worker.request_ids) < len(best.request_ids)):
                 best = worker
         return best
+
+    def stalled(self, timeout_s: float) -> list[WorkerState]:
+        """Workers holding requests that showed no progress for longer than ``timeout_s``."""
+        cutoff = time.monotonic() - timeout_s
+        return [w for w in self._by_identity.values() if w.request_ids and w.progress_at < cutoff]
 
     def stale(self, timeout_s: float) -> list[WorkerState]:
         """Workers silent for longer than ``timeout_s``."""

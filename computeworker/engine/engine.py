@@ -107,6 +107,7 @@ class Engine:
         self._make_fence = make_fence
         self._on_step = on_step
         self._last_fence: Fence | None = None  # recorded after the latest forward pass
+        self.steps_done = 0  # forward passes completed (Heartbeat.steps_done)
 
     # ------------------------------------------------------------------ counters (any thread may read)
 
@@ -257,6 +258,7 @@ class Engine:
             entry.request.num_computed += entry.num_tokens
             if i in sampled:
                 self._accept_token(entry.request, sampled[i])
+        self.steps_done += 1  # read by the heartbeat (another thread): progress for the daemon's watchdog
         if self._on_step is not None:
             self._on_step(
                 StepStats(
