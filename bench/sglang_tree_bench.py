@@ -23,7 +23,6 @@ import numpy as np
 from bench.tree_bench import PAGE_SIZE, anchor_requests, summarize_runs
 
 CAPACITY_TOKENS = 400_000
-TOKENS = lambda p: array("i", p.tolist())  # noqa: E731
 
 
 class FreeListAllocator:
@@ -67,7 +66,7 @@ def run_sglang(requests: list[np.ndarray]) -> dict[str, object]:
     clock = time.perf_counter_ns
     prompt_tokens = hit_tokens = 0
     for prompt in requests:
-        tokens = TOKENS(prompt)
+        tokens = array("i", prompt.tolist())
         aligned_len = len(tokens) // PAGE_SIZE * PAGE_SIZE
         t0 = clock()
         m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))

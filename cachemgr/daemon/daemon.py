@@ -24,7 +24,7 @@ from cachemgr.daemon.link import WorkerLink
 from cachemgr.daemon.messages import WorkerMessages
 from cachemgr.daemon.scheduler import Scheduler
 from cachemgr.daemon.settings import DaemonSettings
-from cachemgr.daemon.state import RequestState
+from cachemgr.daemon.state import RequestState, WorkerState
 from cachemgr.daemon.stream import RequestStream
 from cachemgr.daemon.workers import WorkerRegistry
 from shared.protocol import PoolDescriptor, SamplingParams, Shutdown
@@ -290,18 +290,18 @@ class Daemon:
             await asyncio.sleep(period)
             self._scheduler.release_quarantined()
             for worker in self._workers.stale(self.settings.heartbeat_timeout_s):
-                try:
-                    self._messages.drop_worker(worker, f"no message for {self.settings.heartbeat_timeout_s}s")
-                except Exception:
-                    logger.exception("dropping worker %d failed", worker.worker_id)
+                self._drop(worker, f"no message for {self.settings.heartbeat_timeout_s}s", tell=False)
             stall_s = self.settings.worker_stall_timeout_s
             for worker in self._workers.stalled(stall_s) if stall_s else ():
+                # Told to stop, or it would register again and take new requests into the same hang.
                 why = f"no progress for {stall_s}s with {len(worker.request_ids)} requests (stalled)"
-                try:
-                    # Told to stop, or it would register again and take new requests into the same hang.
-                    self._link.send(
-                        worker.identity, Shutdown(reason=f"the daemon dropped this worker: {why}")
-                    )
-                    self._messages.drop_worker(worker, why)
-                except Exception:
-                    logger.exception("dropping worker %d failed", worker.worker_id)
+                self._drop(worker, why, tell=True)
+
+    def _drop(self, worker: WorkerState, why: str, *, tell: bool) -> None:
+        """Drop a worker the reaper gave up on (``tell``: send it Shutdown first); never raises."""
+        try:
+            if tell:
+                self._link.send(worker.identity, Shutdown(reason=f"the daemon dropped this worker: {why}"))
+            self._messages.drop_worker(worker, why)
+        except Exception:
+            logger.exception("dropping worker %d failed", worker.worker_id)
