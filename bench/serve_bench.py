@@ -35,7 +35,7 @@ TINY = LlamaShape(1000, 256, 512, 2, 4, 2, 64, 32768, 10000.0, 1e-5)
 _STEP = re.compile(r"step seqs=(\d+) tokens=(\d+) prefill=(\d+) cached=(\d+) ms=([\d.]+)")
 # The worker's DEBUG trace of each step (computeworker.runtime): where the time from a Dispatch read to
 # its messages handed to ZeroMQ went.
-_TRACE_FIELDS = ("dispatch", "step", "build", "forward", "sample", "handoff", "send")
+_TRACE_FIELDS = ("dispatch", "step", "build", "forward", "sample", "turn_wait", "handoff", "send")
 _TRACE = re.compile(
     r"trace tokens=(\d+) cached=(\d+) " + " ".join(rf"{f}_ms=(-?[\d.]+)" for f in _TRACE_FIELDS)
 )
@@ -61,16 +61,23 @@ class Stack:
     """A supervised stack with its worker logs; `steps(since)` parses --log-steps lines."""
 
     def __init__(
-        self, args: argparse.Namespace, model_dir: Path, workers: int, budget: int, tmp: Path
+        self,
+        args: argparse.Namespace,
+        model_dir: Path,
+        workers: int,
+        budget: int,
+        tmp: Path,
+        extra_worker_args: tuple[str, ...] = (),
     ) -> None:
         cuda = args.device.startswith("cuda")
         kv_dtype = "bfloat16" if cuda else "float32"
-        self.log_dir = tmp / f"logs-{workers}"
+        tag = f"{workers}{''.join(a.strip('-')[0] for a in extra_worker_args)}"
+        self.log_dir = tmp / f"logs-{tag}"
         self.config = StackConfig(
             num_workers=workers,
             model=str(model_dir),
             http_port=free_port(),
-            run_dir=tmp / f"run-{workers}",
+            run_dir=tmp / f"run-{tag}",
             device=args.device,
             log_dir=self.log_dir,
             ready_timeout_s=600.0,
@@ -81,7 +88,7 @@ class Stack:
             worker_args=(
                 "--random-weights", "--dtype", kv_dtype, "--max-running", str(args.max_running),
                 "--prefill-chunk", str(args.prefill_chunk), "--log-steps", "--log-level", "DEBUG",
-                *(() if args.cuda_graphs else ("--no-cuda-graphs",)),
+                *(() if args.cuda_graphs else ("--no-cuda-graphs",)), *extra_worker_args,
             ),
         )  # fmt: skip
         self.supervisor = Supervisor(self.config)
@@ -271,15 +278,24 @@ def phase_b(stack: Stack, args: argparse.Namespace, clients: int, vocab: int, en
 
 
 def phase_c(stack: Stack, args: argparse.Namespace, vocab: int, salt: str) -> dict:
-    since = stack.log_sizes()
-    out = asyncio.run(
-        run_groups(
-            stack.config.url, stack.model, args.groups, args.followers, args.group_prefix_tokens, 128,
-            args.output_tokens // 2, vocab, salt,
-        )
-    )  # fmt: skip
-    per_worker = stack.steps(since)
-    out["prefill_tokens_per_worker"] = [sum(s[2] for s in w) for w in per_worker]
+    """`--groups-repeats` rounds of the groups workload (fresh prefixes each: another salt); the round
+    with the median followers' throughput, with every round's figure beside it."""
+    rounds = []
+    for i in range(args.groups_repeats):
+        since = stack.log_sizes()
+        out = asyncio.run(
+            run_groups(
+                stack.config.url, stack.model, args.groups, args.followers, args.group_prefix_tokens, 128,
+                args.output_tokens // 2, vocab, f"{salt}-{i}",
+            )
+        )  # fmt: skip
+        per_worker = stack.steps(since)
+        out["prefill_tokens_per_worker"] = [sum(s[2] for s in w) for w in per_worker]
+        turn_waits = [fields["turn_wait"] for _, _, fields in stack.traces(since)]
+        out["turn_wait_ms_total"] = round(sum(turn_waits), 1)
+        rounds.append(out)
+    out = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]
+    out["requests_per_s_all"] = [r["requests_per_s"] for r in rounds]
     out["prefill_tokens_ideal"] = (
         args.groups * (args.group_prefix_tokens + 128) + args.groups * args.followers * 128
     )
@@ -297,7 +313,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def build_report(
-    args: argparse.Namespace, shape: LlamaShape, card: str, bw: float | None, a, b, c1, c2, previous
+    args: argparse.Namespace,
+    shape: LlamaShape,
+    card: str,
+    bw: float | None,
+    a,
+    b,
+    c1,
+    c2,
+    c2_sliced,
+    previous,
 ) -> dict:
     """The JSON report. Sections of phases not run this time (None) come from `previous` (an earlier
     report), each marked with "from": that report's run label, as do their targets."""
@@ -328,7 +353,17 @@ def build_report(
         targets["two_workers_every_follower_hit"] = target(
             float(c2["min_cached_tokens"] == c2["prefix_len"]), 1.0
         )
-    sections = {"shared_prefix": a, "multi_turn": b, "groups_1_worker": c1, "groups_2_workers": c2}
+    if c1 is not None and c2_sliced is not None:  # the baseline: workers time-slice the GPU (no turns)
+        targets["two_workers_time_sliced_ratio"] = target(
+            ratio(c2_sliced["requests_per_s"], c1["requests_per_s"]), 1.0
+        )
+    sections = {
+        "shared_prefix": a,
+        "multi_turn": b,
+        "groups_1_worker": c1,
+        "groups_2_workers": c2,
+        "groups_2_workers_time_sliced": c2_sliced,
+    }
     if previous is not None:
         label = previous.get("run") or f"{previous['card']}, {previous['date']}"
         for name, value in sections.items():
@@ -358,6 +393,7 @@ def plot(report: dict, path: Path) -> None:
 
     a, b = report["shared_prefix"], report["multi_turn"]
     c1, c2 = report["groups_1_worker"], report["groups_2_workers"]
+    c2_sliced = report.get("groups_2_workers_time_sliced")
 
     def src(section: dict) -> str:
         return f"\n({section['from']})" if "from" in section else ""
@@ -390,16 +426,13 @@ def plot(report: dict, path: Path) -> None:
             )
         )
     if c1 is not None and c2 is not None:
-        bars.append(
-            (
-                ["1 worker", "2 workers"],
-                [c1["requests_per_s"], c2["requests_per_s"]],
-                "shared groups req/s" + src(c2),
-            )
-        )
+        labels, values = ["1 worker", "2 workers"], [c1["requests_per_s"], c2["requests_per_s"]]
+        if c2_sliced is not None:
+            labels, values = ["1", "2, turns", "2, sliced"], [*values, c2_sliced["requests_per_s"]]
+        bars.append((labels, values, "shared groups req/s (workers)" + src(c2)))
     fig, axes = plt.subplots(1, len(bars), figsize=(4 * len(bars), 3.8), squeeze=False)
     for ax, (labels, values, title) in zip(axes[0], bars, strict=True):
-        ax.bar(labels, values, color=["#999", "#2a7"])
+        ax.bar(labels, values, color=["#999", "#2a7", "#c84"][: len(values)])
         ax.set_title(title, fontsize=9)
         for x, v in enumerate(values):
             ax.text(x, v, f"{v:.3g}", ha="center", va="bottom")
@@ -426,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--followers", type=int, default=8)
     p.add_argument("--group-prefix-tokens", type=int, default=2048)
+    p.add_argument("--groups-repeats", type=int, default=3, help="rounds of phase C per stack (median kept)")
+    p.add_argument(
+        "--time-sliced-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="phase C also runs 2 workers with --no-gpu-turns (the GPU time-slices them)",
+    )
     p.add_argument("--max-running", type=int, default=128)
     p.add_argument("--prefill-chunk", type=int, default=16384)
     p.add_argument("--worker-reserve-gib", type=int, default=8, help="per worker beyond the weights")
@@ -453,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         def encode(text: str) -> list[int]:
             return tok.encode(text, add_special_tokens=False).ids
 
-        a = b = c1 = c2 = None
+        a = b = c1 = c2 = c2_sliced = None
         try:
             with Stack(args, model_dir, 1, budget1, tmp) as stack:
                 if "a" in args.phases:
@@ -467,14 +507,18 @@ def main(argv: list[str] | None = None) -> int:
             if "c" in args.phases:
                 with Stack(args, model_dir, 2, budget2, tmp) as stack:
                     c2 = phase_c(stack, args, shape.vocab_size, "groups2")
-                    print(f"groups, 2 workers: {c2}", flush=True)
+                    print(f"groups, 2 workers taking turns: {c2}", flush=True)
+                if args.time_sliced_baseline:
+                    with Stack(args, model_dir, 2, budget2, tmp, ("--no-gpu-turns",)) as stack:
+                        c2_sliced = phase_c(stack, args, shape.vocab_size, "groups2s")
+                        print(f"groups, 2 workers time-slicing: {c2_sliced}", flush=True)
         finally:
             for log in sorted(tmp.glob("logs-*/*.log")):
                 lines = log.read_text(errors="replace").splitlines()
                 keep = [line for line in lines if "step seqs=" not in line and " trace tokens=" not in line]
                 print(f"---- {log.parent.name}/{log.name} ({len(lines)} lines, steps omitted)")
                 print("\n".join(keep[-40:]))
-    report = build_report(args, shape, card, bw, a, b, c1, c2, previous)
+    report = build_report(args, shape, card, bw, a, b, c1, c2, c2_sliced, previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, args.out.with_suffix(".png"))
