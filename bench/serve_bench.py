@@ -35,7 +35,7 @@ TINY = LlamaShape(1000, 256, 512, 2, 4, 2, 64, 32768, 10000.0, 1e-5)
 _STEP = re.compile(r"step seqs=(\d+) tokens=(\d+) prefill=(\d+) cached=(\d+) ms=([\d.]+)")
 # The worker's DEBUG trace of each step (computeworker.runtime): where the time from a Dispatch read to
 # its messages handed to ZeroMQ went.
-_TRACE_FIELDS = ("dispatch", "step", "build", "forward", "sample", "turn_wait", "handoff", "send")
+_TRACE_FIELDS = ("dispatch", "step", "build", "forward", "sample", "handoff", "send")
 _TRACE = re.compile(
     r"trace tokens=(\d+) cached=(\d+) " + " ".join(rf"{f}_ms=(-?[\d.]+)" for f in _TRACE_FIELDS)
 )
@@ -67,11 +67,11 @@ class Stack:
         workers: int,
         budget: int,
         tmp: Path,
-        extra_worker_args: tuple[str, ...] = (),
+        extra_daemon_args: tuple[str, ...] = (),
     ) -> None:
         cuda = args.device.startswith("cuda")
         kv_dtype = "bfloat16" if cuda else "float32"
-        tag = f"{workers}{''.join(a.strip('-')[0] for a in extra_worker_args)}"
+        tag = f"{workers}{''.join(a.strip('-')[0] for a in extra_daemon_args)}"
         self.log_dir = tmp / f"logs-{tag}"
         self.config = StackConfig(
             num_workers=workers,
@@ -83,12 +83,13 @@ class Stack:
             ready_timeout_s=600.0,
             daemon_args=(
                 "--device", args.device, "--kv-dtype", kv_dtype, "--kv-budget", str(budget),
-                "--max-queue", "100000", "--page-wait-timeout", "600",
+                "--max-queue", "100000", "--page-wait-timeout", "600", "--dispatch", args.dispatch,
+                *extra_daemon_args,
             ),
             worker_args=(
                 "--random-weights", "--dtype", kv_dtype, "--max-running", str(args.max_running),
                 "--prefill-chunk", str(args.prefill_chunk), "--log-steps", "--log-level", "DEBUG",
-                *(() if args.cuda_graphs else ("--no-cuda-graphs",)), *extra_worker_args,
+                *(() if args.cuda_graphs else ("--no-cuda-graphs",)),
             ),
         )  # fmt: skip
         self.supervisor = Supervisor(self.config)
@@ -291,8 +292,7 @@ def phase_c(stack: Stack, args: argparse.Namespace, vocab: int, salt: str) -> di
         )  # fmt: skip
         per_worker = stack.steps(since)
         out["prefill_tokens_per_worker"] = [sum(s[2] for s in w) for w in per_worker]
-        turn_waits = [fields["turn_wait"] for _, _, fields in stack.traces(since)]
-        out["turn_wait_ms_total"] = round(sum(turn_waits), 1)
+        out["steps_per_worker"] = [step_summary(w) for w in per_worker]
         rounds.append(out)
     out = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]
     out["requests_per_s_all"] = [r["requests_per_s"] for r in rounds]
@@ -301,6 +301,20 @@ def phase_c(stack: Stack, args: argparse.Namespace, vocab: int, salt: str) -> di
     )
     out["prefix_len"] = args.group_prefix_tokens
     return out
+
+
+def step_summary(steps: list[tuple[int, int, int, int, float]]) -> dict:
+    """One worker's logged steps: how many, their summed time, and the decode-only ones apart."""
+    decode = [s for s in steps if s[2] == 0]
+    return {
+        "steps": len(steps),
+        "step_ms_total": round(sum(s[4] for s in steps), 1),
+        "decode_steps": len(decode),
+        "decode_ms_mean": round(sum(s[4] for s in decode) / len(decode), 2) if decode else None,
+        "decode_seqs_mean": round(sum(s[0] for s in decode) / len(decode), 1) if decode else None,
+        "prefill_steps": len(steps) - len(decode),
+        "prefill_ms_total": round(sum(s[4] for s in steps if s[2]), 1),
+    }
 
 
 def target(measured: float | None, goal: float, ceiling: float | None = None, higher: bool = True) -> dict:
@@ -321,7 +335,7 @@ def build_report(
     b,
     c1,
     c2,
-    c2_sliced,
+    c2_spread,
     previous,
 ) -> dict:
     """The JSON report. Sections of phases not run this time (None) come from `previous` (an earlier
@@ -353,16 +367,16 @@ def build_report(
         targets["two_workers_every_follower_hit"] = target(
             float(c2["min_cached_tokens"] == c2["prefix_len"]), 1.0
         )
-    if c1 is not None and c2_sliced is not None:  # the baseline: workers time-slice the GPU (no turns)
-        targets["two_workers_time_sliced_ratio"] = target(
-            ratio(c2_sliced["requests_per_s"], c1["requests_per_s"]), 1.0
+    if c1 is not None and c2_spread is not None:  # the baseline: requests spread over the two workers
+        targets["two_workers_spread_ratio"] = target(
+            ratio(c2_spread["requests_per_s"], c1["requests_per_s"]), 1.0
         )
     sections = {
         "shared_prefix": a,
         "multi_turn": b,
         "groups_1_worker": c1,
         "groups_2_workers": c2,
-        "groups_2_workers_time_sliced": c2_sliced,
+        "groups_2_workers_spread": c2_spread,
     }
     if previous is not None:
         label = previous.get("run") or f"{previous['card']}, {previous['date']}"
@@ -393,7 +407,7 @@ def plot(report: dict, path: Path) -> None:
 
     a, b = report["shared_prefix"], report["multi_turn"]
     c1, c2 = report["groups_1_worker"], report["groups_2_workers"]
-    c2_sliced = report.get("groups_2_workers_time_sliced")
+    c2_spread = report.get("groups_2_workers_spread")
 
     def src(section: dict) -> str:
         return f"\n({section['from']})" if "from" in section else ""
@@ -427,8 +441,8 @@ def plot(report: dict, path: Path) -> None:
         )
     if c1 is not None and c2 is not None:
         labels, values = ["1 worker", "2 workers"], [c1["requests_per_s"], c2["requests_per_s"]]
-        if c2_sliced is not None:
-            labels, values = ["1", "2, turns", "2, sliced"], [*values, c2_sliced["requests_per_s"]]
+        if c2_spread is not None:
+            labels, values = ["1", "2, packed", "2, spread"], [*values, c2_spread["requests_per_s"]]
         bars.append((labels, values, "shared groups req/s (workers)" + src(c2)))
     fig, axes = plt.subplots(1, len(bars), figsize=(4 * len(bars), 3.8), squeeze=False)
     for ax, (labels, values, title) in zip(axes[0], bars, strict=True):
@@ -460,11 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--followers", type=int, default=8)
     p.add_argument("--group-prefix-tokens", type=int, default=2048)
     p.add_argument("--groups-repeats", type=int, default=3, help="rounds of phase C per stack (median kept)")
+    p.add_argument("--dispatch", default="auto", help="the daemon's --dispatch for every stack")
     p.add_argument(
-        "--time-sliced-baseline",
+        "--spread-baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="phase C also runs 2 workers with --no-gpu-turns (the GPU time-slices them)",
+        help="phase C also runs 2 workers with --dispatch spread (requests split between them)",
     )
     p.add_argument("--max-running", type=int, default=128)
     p.add_argument("--prefill-chunk", type=int, default=16384)
@@ -473,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default="abc", help="which phases to run: a (shared prefix), b, c")
     p.add_argument("--previous", type=Path, help="an earlier report: sections of phases not run come from it")
     p.add_argument("--run-label", default=None, help="a name for this run, kept in the report")
+    p.add_argument("--logs-out", type=Path, help="write every stack's logs (steps included) to this .tar.gz")
     args = p.parse_args(argv)
     if not set(args.phases) <= set("abc") or not args.phases:
         p.error("--phases takes letters from a, b, c")
@@ -493,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         def encode(text: str) -> list[int]:
             return tok.encode(text, add_special_tokens=False).ids
 
-        a = b = c1 = c2 = c2_sliced = None
+        a = b = c1 = c2 = c2_spread = None
         try:
             with Stack(args, model_dir, 1, budget1, tmp) as stack:
                 if "a" in args.phases:
@@ -507,18 +523,24 @@ def main(argv: list[str] | None = None) -> int:
             if "c" in args.phases:
                 with Stack(args, model_dir, 2, budget2, tmp) as stack:
                     c2 = phase_c(stack, args, shape.vocab_size, "groups2")
-                    print(f"groups, 2 workers taking turns: {c2}", flush=True)
-                if args.time_sliced_baseline:
-                    with Stack(args, model_dir, 2, budget2, tmp, ("--no-gpu-turns",)) as stack:
-                        c2_sliced = phase_c(stack, args, shape.vocab_size, "groups2s")
-                        print(f"groups, 2 workers time-slicing: {c2_sliced}", flush=True)
+                    print(f"groups, 2 workers ({args.dispatch}): {c2}", flush=True)
+                if args.spread_baseline:
+                    with Stack(args, model_dir, 2, budget2, tmp, ("--dispatch", "spread")) as stack:
+                        c2_spread = phase_c(stack, args, shape.vocab_size, "groups2s")
+                        print(f"groups, 2 workers (spread): {c2_spread}", flush=True)
         finally:
+            if args.logs_out is not None:  # every stack's daemon and worker logs, steps included
+                import tarfile
+
+                with tarfile.open(args.logs_out, "w:gz") as tar:
+                    for log_dir in sorted(tmp.glob("logs-*")):
+                        tar.add(log_dir, arcname=log_dir.name)
             for log in sorted(tmp.glob("logs-*/*.log")):
                 lines = log.read_text(errors="replace").splitlines()
                 keep = [line for line in lines if "step seqs=" not in line and " trace tokens=" not in line]
                 print(f"---- {log.parent.name}/{log.name} ({len(lines)} lines, steps omitted)")
                 print("\n".join(keep[-40:]))
-    report = build_report(args, shape, card, bw, a, b, c1, c2, c2_sliced, previous)
+    report = build_report(args, shape, card, bw, a, b, c1, c2, c2_spread, previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, args.out.with_suffix(".png"))

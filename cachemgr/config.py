@@ -16,7 +16,7 @@ from typing import Any
 
 from cachemgr.admin.server import MIN_TOKEN_LEN
 from cachemgr.cache import DEFAULT_POLICY, POLICIES
-from cachemgr.daemon.settings import DaemonSettings
+from cachemgr.daemon.settings import DISPATCH_MODES, DaemonSettings
 from shared.pool import parse_size
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -159,6 +159,14 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
         "Pages handed out per decode chunk (fewer round trips vs. less reserved memory).",
     ),
     ("max_attempts", int, 3, "Dispatches per request before a request whose workers keep dying fails."),
+    (
+        "dispatch",
+        str,
+        "auto",
+        "How requests are spread over workers: spread (the least-loaded worker), pack (the busiest worker with a "
+        "free slot: workers sharing one GPU each read all the weights per step, so splitting a batch between "
+        "them costs throughput), or auto (pack when the pool is on a GPU, spread on CPU).",
+    ),
     ("eviction_policy", str, DEFAULT_POLICY, f"Cache eviction policy: {', '.join(sorted(POLICIES))}."),
     (
         "kv_events_endpoint",
@@ -206,6 +214,7 @@ class DaemonConfig:
     worker_wait_timeout: float
     decode_page_chunk: int
     max_attempts: int
+    dispatch: str
     eviction_policy: str
     kv_events_endpoint: str
     ready_file: str
@@ -226,6 +235,8 @@ class DaemonConfig:
             raise ValueError(
                 f"eviction policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}"
             )
+        if self.dispatch not in ("auto", *DISPATCH_MODES):
+            raise ValueError(f"dispatch must be auto, spread or pack, got {self.dispatch!r}")
         if self.admin_tcp_port is not None and len(self.admin_token) < MIN_TOKEN_LEN:
             raise ValueError(f"--admin-tcp-port needs --admin-token (at least {MIN_TOKEN_LEN} characters)")
         self.daemon_settings()  # validates the worker-channel options
@@ -255,7 +266,14 @@ class DaemonConfig:
             worker_wait_timeout_s=self.worker_wait_timeout,
             decode_page_chunk=self.decode_page_chunk,
             max_attempts=self.max_attempts,
+            dispatch=self.resolved_dispatch,
         )
+
+    @property
+    def resolved_dispatch(self) -> str:
+        if self.dispatch != "auto":
+            return self.dispatch
+        return "pack" if self.on_gpu else "spread"
 
 
 def env_name(field: str) -> str:

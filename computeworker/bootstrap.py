@@ -14,7 +14,6 @@ import torch
 
 from computeworker.config import WorkerConfig
 from computeworker.engine.fences import StepStats
-from computeworker.engine.gpu_turn import GpuTurn, turn_path
 from computeworker.model.batch import AttentionBackend
 from computeworker.runtime import ModelInfo, WorkerRuntime
 
@@ -73,9 +72,6 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         cuda_graphs=config.cuda_graphs,
         max_graph_batch=config.max_graph_batch or config.max_running,
     )
-    turn = open_gpu_turn(config, device) if config.gpu_turns else None
-    if turn is not None:
-        runner.before_launch = turn.take
     return WorkerRuntime(
         config,
         runner,
@@ -85,22 +81,7 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         on_pool=runner.bind,
         make_fence=cuda_fence_factory(device),
         on_step=on_step,
-        gpu_turn=turn,
     )
-
-
-def open_gpu_turn(config: WorkerConfig, device: torch.device) -> GpuTurn | None:
-    """The turn of the physical GPU behind `device` (named by its UUID, so every worker of the GPU finds
-    the same file whatever CUDA_VISIBLE_DEVICES calls it), or None (logged) if its file can't be opened."""
-    uuid = str(torch.cuda.get_device_properties(device).uuid)
-    path = turn_path(config.gpu_turn_dir, uuid)
-    try:
-        turn = GpuTurn(path)
-    except OSError as exc:
-        log.warning("no GPU turns (%s): workers sharing this GPU will time-slice it", exc)
-        return None
-    log.info("steps take turns with the other workers of this GPU (%s)", path)
-    return turn
 
 
 def _log_step(stats: StepStats) -> None:

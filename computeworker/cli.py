@@ -97,19 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=_flag("LOG_STEPS"),
         help="log each forward step's size and time [RADIXKV_LOG_STEPS]",
     )
-    p.add_argument(
-        "--gpu-turns",
-        action=argparse.BooleanOptionalAction,
-        default=_flag("GPU_TURNS", True),
-        help="workers sharing a GPU run their steps one at a time instead of time-slicing the device "
-        "(default on; CUDA only) [RADIXKV_GPU_TURNS]",
-    )
-    p.add_argument(
-        "--gpu-turn-dir",
-        default=_env("GPU_TURN_DIR", "/dev/shm"),
-        help="directory of the per-GPU turn files; every worker of a GPU must see the same one "
-        "[RADIXKV_GPU_TURN_DIR]",
-    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[RADIXKV_LOG_LEVEL]")
     return p
 
@@ -130,8 +117,6 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         cuda_graphs=args.cuda_graphs,
         max_graph_batch=args.max_graph_batch,
         log_steps=args.log_steps,
-        gpu_turns=args.gpu_turns,
-        gpu_turn_dir=Path(args.gpu_turn_dir),
     )
 
 

@@ -37,8 +37,6 @@ class WorkerConfig:
     cuda_graphs: bool = True  # decode through CUDA graphs (CUDA only)
     max_graph_batch: int = 0  # largest captured decode batch; 0 = max_running
     log_steps: bool = False  # log every forward step's size and time (INFO)
-    gpu_turns: bool = True  # workers on one GPU take turns per step (computeworker.engine.gpu_turn)
-    gpu_turn_dir: Path = Path("/dev/shm")  # where the per-device turn files live (shared by its workers)
 
     def __post_init__(self) -> None:
         if not self.daemon_endpoint.startswith(("ipc://", "tcp://", "inproc://")):

@@ -29,7 +29,6 @@ from computeworker.client import DaemonLink
 from computeworker.config import WorkerConfig
 from computeworker.engine.engine import Engine, EngineConfig, PagedModel
 from computeworker.engine.fences import Fence, StepStats
-from computeworker.engine.gpu_turn import GpuTurn
 from computeworker.engine.stop import DetokenizerSource
 from computeworker.model.batch import AttentionBackend
 from shared.pool import MappedPool, map_pool
@@ -88,15 +87,13 @@ class WorkerRuntime:
         on_pool: Callable[[torch.Tensor, AttentionBackend], object] | None = None,
         make_fence: Callable[[], Fence] | None = None,
         on_step: Callable[[StepStats], None] | None = None,
-        gpu_turn: GpuTurn | None = None,
     ) -> None:
         """on_pool(pool tensor, attention): called on the compute thread after each new pool mapping or
         attention backend, before the session serves (CUDA: warm kernels, capture graphs).
         make_fence: handed to every Engine (see computeworker.engine.fences). on_step: called on the
         event loop with each step's StepStats once the step's messages are sent (a log line must not
         delay the first token). At DEBUG level each step also logs a `trace` line: where the time
-        between a Dispatch arriving and its messages leaving went. gpu_turn: handed to every Engine (the
-        device's turn among workers sharing it, computeworker.engine.gpu_turn)."""
+        between a Dispatch arriving and its messages leaving went."""
         self._config = config
         self._model = model
         self._make_attention = make_attention  # page_size -> backend (FlashInfer plans need it)
@@ -107,7 +104,6 @@ class WorkerRuntime:
         self._on_pool = on_pool
         self._make_fence = make_fence
         self._on_step = on_step
-        self._gpu_turn = gpu_turn
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self._inflight: concurrent.futures.Future[int] | None = None
         self._step_stats: list[StepStats] = []  # appended on the compute thread, drained on the loop
@@ -256,7 +252,6 @@ class WorkerRuntime:
             rng=random.Random(),
             make_fence=self._make_fence,
             on_step=self._step_stats.append,
-            gpu_turn=self._gpu_turn,
         )
 
     async def _read(self, link: DaemonLink, inbox: list[DaemonToWorker], wakeup: asyncio.Event) -> None:
@@ -340,7 +335,7 @@ class WorkerRuntime:
                 dispatch_at, self._dispatch_at = self._dispatch_at, None
                 log.debug(
                     "trace tokens=%d cached=%d dispatch_ms=%.3f step_ms=%.3f build_ms=%.3f forward_ms=%.3f "
-                    "sample_ms=%.3f turn_wait_ms=%.3f handoff_ms=%.3f send_ms=%.3f",
+                    "sample_ms=%.3f handoff_ms=%.3f send_ms=%.3f",
                     st.num_tokens,
                     st.num_cached_tokens,
                     (submitted - dispatch_at) * 1e3 if dispatch_at is not None else -1.0,
@@ -348,7 +343,6 @@ class WorkerRuntime:
                     st.build_s * 1e3,
                     st.forward_s * 1e3,
                     st.sample_s * 1e3,
-                    st.turn_wait_s * 1e3,
                     (returned - submitted - st.seconds) * 1e3,
                     (sent - returned) * 1e3,
                 )

@@ -64,7 +64,7 @@ class Daemon:
         self._tokenizer = tokenizer
         self._own_context = context is None
         self._context = context if context is not None else zmq.asyncio.Context()
-        self._workers = WorkerRegistry()
+        self._workers = WorkerRegistry(settings.dispatch)
         self._scheduler = Scheduler(
             cache, None, self._workers, settings, page_size=pool.page_size, metrics=metrics
         )  # type: ignore[arg-type]

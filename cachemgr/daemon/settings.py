@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DISPATCH_MODES = ("spread", "pack")
+
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
@@ -21,7 +23,8 @@ class DaemonSettings:
     completed per its heartbeats, no other message) is told to shut down and dropped like a silent one;
     0 turns the watchdog off. It must exceed the longest single engine step (one prefill chunk).
     decode_page_chunk: pages handed out per decode chunk. max_attempts: dispatches per request before a
-    request whose workers keep dying fails.
+    request whose workers keep dying fails. dispatch: which worker with a free slot gets a request,
+    "spread" (the least loaded) or "pack" (the most loaded; see WorkerRegistry.pick).
     """
 
     endpoint: str
@@ -34,6 +37,7 @@ class DaemonSettings:
     worker_wait_timeout_s: float = 30.0
     decode_page_chunk: int = 4
     max_attempts: int = 3
+    dispatch: str = "spread"
 
     def __post_init__(self) -> None:
         if not self.endpoint.startswith(("ipc://", "tcp://")):
@@ -52,6 +56,8 @@ class DaemonSettings:
             raise ValueError(
                 f"worker_stall_timeout_s must be >= 0 (0 = off), got {self.worker_stall_timeout_s}"
             )
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
         for name in ("page_wait_timeout_s", "worker_wait_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from computeworker.engine.fences import Fence, StepStats
-from computeworker.engine.gpu_turn import GpuTurn
 from computeworker.engine.request import Phase, Request
 from computeworker.engine.sampling import RowSampling, make_generator, sample_batch
-from computeworker.engine.scheduler import StepEntry, build_batch, plan_step
+from computeworker.engine.scheduler import build_batch, plan_step
 from computeworker.engine.stop import DetokenizerSource, StopStringMatcher
 from computeworker.model.batch import AttentionBackend, ForwardBatch
 from shared.ids import bytes_to_ids, ids_to_bytes
@@ -89,13 +88,10 @@ class Engine:
         rng: random.Random | None = None,
         make_fence: Callable[[], Fence] | None = None,
         on_step: Callable[[StepStats], None] | None = None,
-        gpu_turn: GpuTurn | None = None,
     ) -> None:
         """make_fence: records a fence after each forward pass (CUDA: an event); Commit and Finished
         wait in the outbox until it completes (see computeworker.engine.fences). on_step: called with
-        each step's StepStats on the compute thread. gpu_turn: the device's turn among the worker
-        processes sharing it (computeworker.engine.gpu_turn); a step holds it from its first device
-        work (the model may take it after planning) until its sampled tokens are on the host."""
+        each step's StepStats on the compute thread."""
         if pool.dim() != 6 or pool.shape[3] != config.page_size:
             raise ValueError(f"pool shape {tuple(pool.shape)} does not match page_size {config.page_size}")
         self._model = model
@@ -110,7 +106,6 @@ class Engine:
         self._outbox: list[tuple[WorkerToDaemon, Fence | None]] = []
         self._make_fence = make_fence
         self._on_step = on_step
-        self._turn = gpu_turn
         self._last_fence: Fence | None = None  # recorded after the latest forward pass
         self.steps_done = 0  # forward passes completed (Heartbeat.steps_done)
 
@@ -236,35 +231,28 @@ class Engine:
         entries = plan_step(list(self._running.values()), self.config.prefill_chunk)
         if not entries:
             return 0
-        turn = self._turn
-        try:
-            start = time.perf_counter()
-            turn_wait = turn.wait_s if turn is not None else 0.0
-            self._copy_on_write(entries)
-            num_prefill = sum(e.num_tokens for e in entries if e.request.is_prefilling)
-            batch = build_batch(entries, self.config.page_size, self._pool.device)
-            built = time.perf_counter()
-            logits = self._model.forward(batch, self._pool, self._attention)
-            issued = time.perf_counter()
-            if turn is not None:
-                turn.take()  # no-op when the model took it at its first launch
-            if self._make_fence is not None:
-                self._last_fence = self._make_fence()
-            sampling_rows = [i for i, e in enumerate(entries) if e.samples]
-            if len(sampling_rows) < len(entries):  # some rows end mid-prompt (chunked prefill)
-                logits = logits[sampling_rows]
-            tokens = sample_batch(
-                logits,
-                [
-                    RowSampling(entries[i].request.sampling, entries[i].request.generator)
-                    for i in sampling_rows
-                ],
-            )
-            sampled_at = time.perf_counter()
-        finally:
-            if turn is not None:
-                turn.give()
-        turn_wait_s = turn.wait_s - turn_wait if turn is not None else 0.0
+        for entry in entries:
+            req = entry.request
+            if req.cow_source is not None:
+                private = req.page_table[req.num_computed // self.config.page_size]
+                self._pool[:, private].copy_(self._pool[:, req.cow_source])
+                req.cow_source = None
+        start = time.perf_counter()
+        num_prefill = sum(e.num_tokens for e in entries if e.request.is_prefilling)
+        batch = build_batch(entries, self.config.page_size, self._pool.device)
+        built = time.perf_counter()
+        logits = self._model.forward(batch, self._pool, self._attention)
+        issued = time.perf_counter()
+        if self._make_fence is not None:
+            self._last_fence = self._make_fence()
+        sampling_rows = [i for i, e in enumerate(entries) if e.samples]
+        if len(sampling_rows) < len(entries):  # some rows end mid-prompt (chunked prefill)
+            logits = logits[sampling_rows]
+        tokens = sample_batch(
+            logits,
+            [RowSampling(entries[i].request.sampling, entries[i].request.generator) for i in sampling_rows],
+        )
+        sampled_at = time.perf_counter()
         sampled = dict(zip(sampling_rows, tokens, strict=True))
         for i, entry in enumerate(entries):
             entry.request.num_computed += entry.num_tokens
@@ -282,7 +270,6 @@ class Engine:
                     build_s=built - start,
                     forward_s=issued - built,
                     sample_s=sampled_at - issued,
-                    turn_wait_s=turn_wait_s,
                 )
             )
         for req in list(self._running.values()):
@@ -290,17 +277,6 @@ class Engine:
         return batch.num_tokens
 
     # ------------------------------------------------------------------ internals
-
-    def _copy_on_write(self, entries: list[StepEntry]) -> None:
-        """Give each request whose next page is shared its private copy before the step writes it."""
-        for entry in entries:
-            req = entry.request
-            if req.cow_source is not None:
-                if self._turn is not None:
-                    self._turn.take()
-                private = req.page_table[req.num_computed // self.config.page_size]
-                self._pool[:, private].copy_(self._pool[:, req.cow_source])
-                req.cow_source = None
 
     def _make_request(self, msg: Dispatch) -> Request:
         ps = self.config.page_size

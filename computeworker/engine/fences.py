@@ -60,5 +60,3 @@ class StepStats:
     build_s: float = field(default=0.0, compare=False)
     forward_s: float = field(default=0.0, compare=False)
     sample_s: float = field(default=0.0, compare=False)
-    # Of build + forward + sample: waiting for the device's turn (another worker's step on the GPU).
-    turn_wait_s: float = field(default=0.0, compare=False)

@@ -217,11 +217,10 @@ class DecodeGraphs:
         return seconds
 
     @torch.inference_mode()
-    def run(self, batch: ForwardBatch, before_launch: Callable[[], None] | None = None) -> torch.Tensor:
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Replay the graph of the smallest batch size >= batch.num_seqs. Returns [num_seqs, vocab]
-        float32 logits (a view of the graph's output). `before_launch` runs after the host-side plan,
-        right before the first device work. Raises ValueError if `can_run` is False or the graphs were
-        not captured."""
+        float32 logits (a view of the graph's output). Raises ValueError if `can_run` is False or the
+        graphs were not captured."""
         if not self.can_run(batch):
             raise ValueError("batch does not fit the captured decode graphs")
         n = batch.num_seqs
@@ -234,8 +233,6 @@ class DecodeGraphs:
         if pad:
             page_ids = torch.cat((page_ids, page_ids[:1].expand(pad)))
         self._plan(slot, batch.kv_lens + (1,) * pad, page_ids)
-        if before_launch is not None:
-            before_launch()
         static = slot.batch
         static.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
         static.positions[:n].copy_(batch.positions, non_blocking=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -72,9 +71,6 @@ class CudaModelRunner:
         self.num_graph_steps = 0  # decode steps replayed from a graph (tests and logs read it)
         self.num_extend_graph_steps = 0  # prefill steps replayed from a graph
         self.num_eager_steps = 0
-        # Called right before a step's first kernel launch, after host-side planning (the worker's
-        # GpuTurn.take when workers share the device; see computeworker.engine.gpu_turn).
-        self.before_launch: Callable[[], None] | None = None
 
     @property
     def fused(self) -> bool:
@@ -96,7 +92,7 @@ class CudaModelRunner:
             and graphs.can_run(batch)
         ):
             self.num_graph_steps += 1
-            return graphs.run(batch, self.before_launch)
+            return graphs.run(batch)
         extend = self._extend
         if (
             extend is not None
@@ -104,13 +100,11 @@ class CudaModelRunner:
             and kv_pool.data_ptr() == extend.pool.data_ptr()
             and extend.can_run(batch)
         ):
-            logits = extend.run(batch, self.before_launch)
+            logits = extend.run(batch)
             if logits is not None:
                 self.num_extend_graph_steps += 1
                 return logits
         self.num_eager_steps += 1
-        if self.before_launch is not None:
-            self.before_launch()
         if self._fused is not None:
             return self._fused(batch, kv_pool, attention, all_logits)
         return self.model.forward(batch, kv_pool, attention, all_logits)

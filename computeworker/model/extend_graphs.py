@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -227,15 +226,12 @@ class ExtendGraphs:
         return seconds
 
     @torch.inference_mode()
-    def run(
-        self, batch: ForwardBatch, before_launch: Callable[[], None] | None = None
-    ) -> torch.Tensor | None:
+    def run(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Replay the graph of batch.num_seqs sequences and the smallest bucket >= batch.num_tokens.
         Returns [num_seqs, vocab] float32 logits of each sequence's last token (the graph's output
         buffer), or None, having written nothing to the pool, when the attention plan for `batch` chose a
         launch configuration other than the captured one (the caller then runs the step eagerly).
-        `before_launch` runs after the host-side plan, right before the first device work. Raises
-        ValueError if `can_run` is False or the graphs were not captured."""
+        Raises ValueError if `can_run` is False or the graphs were not captured."""
         if not self.can_run(batch):
             raise ValueError("batch does not fit the captured extend graphs")
         n, num_tokens = batch.num_seqs, sum(batch.q_lens)
@@ -256,8 +252,6 @@ class ExtendGraphs:
                     slot.plan_key,
                 )
             return None
-        if before_launch is not None:
-            before_launch()
         static, ps = slot.batch, self.shape.page_size
         static.qo_indptr.copy_(batch.qo_indptr, non_blocking=True)
         static.input_ids[:num_tokens].copy_(batch.input_ids, non_blocking=True)

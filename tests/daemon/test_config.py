@@ -49,6 +49,16 @@ def test_gpu_device_picks_cuda_ipc_and_bfloat16() -> None:
         8 * 2**30,
     )
     assert config.daemon_settings().endpoint == config.worker_endpoint
+    assert config.daemon_settings().dispatch == "pack"  # workers of a GPU pool share that GPU
+
+
+def test_dispatch_defaults_to_spread_on_cpu_and_follows_the_flag() -> None:
+    assert build_config([], {}).daemon_settings().dispatch == "spread"
+    assert build_config(["--dispatch", "pack"], {}).daemon_settings().dispatch == "pack"
+    assert (
+        build_config(["--device", "cuda:0"], {"RADIXKV_DISPATCH": "spread"}).daemon_settings().dispatch
+        == "spread"
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,6 +76,7 @@ def test_gpu_device_picks_cuda_ipc_and_bfloat16() -> None:
         ([], {"RADIXKV_KV_BUDGET": "huge"}, "RADIXKV_KV_BUDGET"),
         (["--kv-dtype", "int8"], {}, "kv dtype"),
         (["--eviction-policy", "random"], {}, "eviction policy"),
+        (["--dispatch", "random"], {}, "dispatch must be"),
     ],
 )
 def test_bad_values_raise_value_error(argv: list[str], env: dict[str, str], message: str) -> None:
