@@ -156,7 +156,18 @@ def test_two_gpu_workers_race_on_one_prefix(model_dir: Path, tmp_path: Path) -> 
         device="cuda:0",
         log_dir=tmp_path / "logs",
         ready_timeout_s=300.0,
-        daemon_args=("--device", "cuda:0", "--kv-dtype", "bfloat16", "--num-pages", "4096"),
+        # spread: the two racers must land on different workers (pack, the GPU default, would put both on
+        # the first worker, and batch them together: another batch shape, other bf16 rounding)
+        daemon_args=(
+            "--device",
+            "cuda:0",
+            "--kv-dtype",
+            "bfloat16",
+            "--num-pages",
+            "4096",
+            "--dispatch",
+            "spread",
+        ),
         worker_args=("--random-weights", "--max-running", "4"),
     )
 

@@ -3,10 +3,13 @@ hand (no SDPA), on a batch mixing a cold prefill, a prefill over cached pages an
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from computeworker.model.attention_torch import TorchAttention
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
@@ -39,6 +42,42 @@ def test_batch_fields_follow_flashinfer_conventions() -> None:
     ]
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 9), st.integers(0, 30), st.integers(0, 3)), min_size=1, max_size=6),
+    st.sampled_from([1, 4, 16]),
+)
+def test_batch_fields_match_a_token_by_token_reference(shapes: list[tuple[int, int, int]], page: int) -> None:
+    """Random mixes of decodes and prefill chunks, with spare pages beyond kv_len, against every field
+    derived one token at a time."""
+    chunks, next_page = [], 1000
+    for q_len, start, spare in shapes:
+        pages = list(range(next_page, next_page + -(-(start + q_len) // page) + spare))[::-1]
+        next_page += 100
+        chunks.append(SeqChunk([7 * next_page + t for t in range(q_len)], start, pages))
+    batch = build_forward_batch(chunks, page, "cpu")
+    ids, positions, write_pages, slots, kv_pages, indptr, last = [], [], [], [], [], [0], []
+    for c in chunks:
+        kv_len = c.start_pos + len(c.token_ids)
+        used = list(c.page_ids[: -(-kv_len // page)])
+        for t, token in enumerate(c.token_ids):
+            pos = c.start_pos + t
+            ids.append(token)
+            positions.append(pos)
+            write_pages.append(used[pos // page])
+            slots.append(pos % page)
+        kv_pages += used
+        indptr.append(len(kv_pages))
+        last.append(kv_len - (len(used) - 1) * page)
+    assert batch.input_ids.tolist() == ids and batch.positions.tolist() == positions
+    assert batch.write_page_ids.tolist() == write_pages and batch.write_slots.tolist() == slots
+    assert batch.kv_page_ids.tolist() == kv_pages and batch.kv_indptr.tolist() == indptr
+    assert batch.kv_last_page_len.tolist() == last
+    assert batch.qo_indptr.tolist() == [0, *itertools.accumulate(len(c.token_ids) for c in chunks)]
+    assert batch.q_lens == tuple(len(c.token_ids) for c in chunks)
+    assert batch.kv_lens == tuple(c.start_pos + len(c.token_ids) for c in chunks)
+
+
 @pytest.mark.parametrize(
     ("chunks", "message"),
     [
@@ -46,6 +85,7 @@ def test_batch_fields_follow_flashinfer_conventions() -> None:
         ([SeqChunk([], 0, [1])], "needs >= 1 new token"),
         ([SeqChunk([1], -1, [1])], "needs >= 1 new token"),
         ([SeqChunk([1, 2], 3, [1])], "5 tokens need 2 pages, got 1"),
+        ([SeqChunk([1], 0, [1]), SeqChunk([1, 2], 3, [1])], "sequence 1: 5 tokens need 2 pages, got 1"),
     ],
 )
 def test_batch_rejects_misuse(chunks: list[SeqChunk], message: str) -> None:
