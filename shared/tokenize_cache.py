@@ -11,7 +11,21 @@ padding see the whole input::
     ids:     post_process( id(special) + ids(A) + id(special) + ids(\\n) + ... )
 
 So ids(whole) == wrap(concat(ids(piece) or id(special))) as long as nothing looks across a piece's
-edges. Some tokenizers do: added tokens with lstrip / rstrip / single_word read the neighbouring text,
+edges.
+
+A long piece (a document pasted as a plain completion prompt, with no special token in it) is cut further,
+into chunks of about CHUNK_CHARS characters that each end right before a word: a space that follows a
+non-space and precedes a letter. Byte-level and whitespace pre-tokenizers start a new pre-token there
+(" word"), and BPE merges never cross pre-tokens, so the chunks tokenize independently too. A cut point
+depends only on the text before it, so two prompts that share a long prefix share its chunks, and a
+document followed by a new question re-tokenizes only the last chunk::
+
+    piece:   [---- 2048+ chars ----| word ...][---- 2048+ chars ----| word ...][ tail, question ]
+             cached                            cached                            tokenized
+
+Chunking needs a pre-tokenizer that cuts words (without one, BPE merges may span the cut), and `create`
+checks it against whole-text encoding on a long probe (punctuation, digits, quotes, double spaces,
+newlines, non-Latin letters at the cuts); a tokenizer that fails keeps the piece cache without chunks. Some tokenizers do: added tokens with lstrip / rstrip / single_word read the neighbouring text,
 Metaspace with prepend_scheme "first" treats the piece at offset 0 differently, BPE dropout is random,
 truncation and padding act on the whole. `SegmentEncoder.create` inspects the tokenizer, refuses
 (returns None with the reason) unless every component is on a list of per-piece ones, and then checks
@@ -34,6 +48,9 @@ ID_DTYPE = np.dtype(np.int32)
 MIN_CACHED_CHARS = 64
 # Per-entry overhead charged besides the text and ids (dict slot, key object, array header).
 ENTRY_OVERHEAD_BYTES = 256
+# Pieces are cut into chunks of about this many characters (see the module docstring); 0 = never.
+CHUNK_CHARS = 2048
+_WORD_START = re.compile(r"(?<=\S) (?=[^\W\d_])")  # a space after a non-space, before a letter
 
 # Normalizers and pre-tokenizers that act on each piece alone, whatever its position in the input.
 _PER_PIECE_NORMALIZERS = frozenset(
@@ -108,12 +125,16 @@ class SegmentEncoder:
         wrap: tuple[list[int], list[int]],
         max_bytes: int,
         min_cached_chars: int = MIN_CACHED_CHARS,
+        chunk_chars: int = CHUNK_CHARS,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
-        if min_cached_chars < 0:
-            raise ValueError(f"min_cached_chars must be >= 0, got {min_cached_chars}")
+        if min_cached_chars < 0 or chunk_chars < 0:
+            raise ValueError(
+                f"min_cached_chars and chunk_chars must be >= 0, got {min_cached_chars}, {chunk_chars}"
+            )
         self.min_cached_chars = min_cached_chars
+        self.chunk_chars = chunk_chars
         self._backend = backend
         self._boundary_ids = boundaries
         # Longest first: re's alternation then picks the longest token at the leftmost position, the
@@ -149,12 +170,19 @@ class SegmentEncoder:
         wrap = _post_process_wrap(backend)
         if wrap is None:
             return None, "the post-processor does not add a fixed prefix/suffix"
-        encoder = cls(backend, boundaries, wrap, max_bytes, min_cached_chars)
+        encoder = cls(backend, boundaries, wrap, max_bytes, min_cached_chars, chunk_chars=0)
         for probe in _probe_texts(list(boundaries)):
             for add_special in (False, True):
                 whole = backend.encode(probe, add_special_tokens=add_special).ids  # the reference
                 if encoder.encode(probe, add_special_tokens=add_special).tolist() != whole:
                     return None, f"piece-wise tokenization differs from whole-text on {probe!r}"
+        if _splits_words(backend):
+            encoder.chunk_chars = CHUNK_CHARS
+            long_probe = _long_probe(CHUNK_CHARS)
+            for add_special in (False, True):
+                whole = backend.encode(long_probe, add_special_tokens=add_special).ids
+                if encoder.encode(long_probe, add_special_tokens=add_special).tolist() != whole:
+                    encoder.chunk_chars = 0  # chunk starts are special to this tokenizer: whole pieces only
         encoder.clear()
         return encoder, ""
 
@@ -175,6 +203,17 @@ class SegmentEncoder:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=ID_DTYPE)
 
     def _piece(self, text: str) -> np.ndarray:
+        step = self.chunk_chars
+        if not step or len(text) < 2 * step:
+            return self._cached(text)
+        parts, start = [], 0
+        while (cut := _WORD_START.search(text, start + step)) is not None:
+            parts.append(self._cached(text[start : cut.start()]))
+            start = cut.start()
+        parts.append(self._cached(text[start:]))
+        return np.concatenate(parts)
+
+    def _cached(self, text: str) -> np.ndarray:
         if len(text) < self.min_cached_chars:
             return np.asarray(encode_ids(self._backend, text, add_special_tokens=False), dtype=ID_DTYPE)
         with self._lock:
@@ -233,6 +272,19 @@ def _unsafe_reason(backend: Any) -> str:
     return ""
 
 
+def _splits_words(backend: Any) -> bool:
+    """Whether a pre-tokenizer cuts text into words, so that BPE merges cannot join the two sides of a
+    chunk cut. Without one (a bare BPE over whole pieces) merges may span a space: no chunking."""
+    spec = json.loads(backend.to_str())
+    for node in _flatten(spec.get("pre_tokenizer"), "pretokenizers"):
+        kind = node.get("type")
+        if kind in ("Whitespace", "WhitespaceSplit", "Metaspace", "BertPreTokenizer", "Split"):
+            return True
+        if kind == "ByteLevel" and node.get("use_regex", True):
+            return True
+    return False
+
+
 def _flatten(node: dict[str, Any] | None, children: str) -> list[dict[str, Any]]:
     if node is None:
         return []
@@ -256,6 +308,18 @@ def _post_process_wrap(backend: Any) -> tuple[list[int], list[int]] | None:
         return None
     prefix, suffix = found.pop()
     return list(prefix), list(suffix)
+
+
+def _long_probe(chunk_chars: int) -> str:
+    """Prose of about 3 chunks with every kind of neighbour a cut can have: punctuation, digits, quotes,
+    double spaces, newlines and non-Latin letters."""
+    words = ("The", "cache", "keeps", "pages,", "\"quoted\"", "42", "items;", "émigré", "日本語", "it's",
+             "done.", "Next", "line\n", "two  spaces", "(paren)", "x1", "Ωmega")  # fmt: skip
+    text, i = [], 0
+    while sum(map(len, text)) < 3 * chunk_chars:
+        text.append(words[i % len(words)])
+        i += 7
+    return " ".join(text)
 
 
 def _probe_texts(boundaries: list[str]) -> list[str]:

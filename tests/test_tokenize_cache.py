@@ -5,6 +5,7 @@ tokenizers where that cannot be proven are refused, and the LRU stays within its
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from tokenizers import (
     trainers,
 )
 
-from shared.tokenize_cache import ENTRY_OVERHEAD_BYTES, SegmentEncoder, encode_ids
+from shared.tokenize_cache import CHUNK_CHARS, ENTRY_OVERHEAD_BYTES, SegmentEncoder, encode_ids
 from shared.tokenizer import Tokenizer as OurTokenizer
 from shared.tokenizer import load_tokenizer
 
@@ -222,3 +223,55 @@ def test_piece_larger_than_the_bound_is_not_cached(smol: OurTokenizer) -> None:
     first[:] = 0  # a caller's copy: changing it must not change what the cache hands out next
     assert encoder.encode(small, add_special_tokens=False).tolist() == smol._backend.encode(small).ids
     assert (encoder.stats().num_entries, encoder.stats().hits) == (1, 1)
+
+
+# ---------------------------------------------------------------- long pieces, cut into chunks
+
+_WORDS = [
+    "The", "cache,", "keeps", "pages.", '"quoted"', "42", "3.5", "items;", "émigré", "日本語", "it's", "(paren)",
+    "Ωmega", "x1", "line\n", "two  spaces", "tab\there", "🙂", "end!", "<|im", "</s", "é",
+]  # fmt: skip
+
+
+def _document(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(num_words))
+
+
+@pytest.mark.parametrize("which", ["smol", "hf"])
+def test_long_pieces_are_chunked_and_equal_whole_text(which: str, request: pytest.FixtureRequest) -> None:
+    tokenizer: OurTokenizer = request.getfixturevalue(which)
+    encoder = _encoder(tokenizer)
+    assert encoder.chunk_chars == CHUNK_CHARS  # both pre-tokenizers cut words and pass the long probe
+    rng = random.Random(3)
+    for _ in range(4):
+        _check_text(tokenizer, encoder, _document(rng, 3000))
+
+
+def test_a_shared_long_prefix_reuses_its_chunks(smol: OurTokenizer) -> None:
+    encoder = _encoder(smol, max_bytes=64 << 20)
+    doc = _document(random.Random(5), 6000)  # ~40k characters: ~20 chunks
+    backend = smol._backend
+    first = encoder.encode(doc + " What does it say?", add_special_tokens=True)
+    cold = encoder.stats()
+    second = encoder.encode(doc + " And in one word?", add_special_tokens=True)
+    warm = encoder.stats()
+    assert first.tolist() == backend.encode(doc + " What does it say?").ids
+    assert second.tolist() == backend.encode(doc + " And in one word?").ids
+    assert cold.misses >= 15 and cold.hits == 0
+    assert warm.hits - cold.hits == cold.misses - 1  # every chunk but the last, which holds the question
+    assert warm.misses - cold.misses == 1
+
+
+def test_chunking_stays_off_without_a_word_splitting_pre_tokenizer() -> None:
+    """A bare BPE over whole pieces may merge across a space, so a cut could change the ids."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>"], show_progress=False)
+    tok.train_from_iterator([" ".join(_WORDS)] * 50, trainer)  # merges learn " " inside tokens
+    encoder, why = SegmentEncoder.create(tok, 1 << 20, min_cached_chars=0)
+    assert why == "" and encoder is not None
+    assert encoder.chunk_chars == 0
+    text = _document(random.Random(1), 2000)
+    assert (
+        encoder.encode(text, add_special_tokens=False).tolist()
+        == tok.encode(text, add_special_tokens=False).ids
+    )
