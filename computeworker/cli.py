@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_flag("LOG_STEPS"),
         help="log each forward step's size and time [RADIXKV_LOG_STEPS]",
     )
+    p.add_argument(
+        "--mixed-steps",
+        action=argparse.BooleanOptionalAction,
+        default=None if _env("MIXED_STEPS") is None else _flag("MIXED_STEPS"),
+        help="run decodes inside prefill steps (default: on for CPU, off for CUDA, where separate prefill and "
+        "decode steps are faster) [RADIXKV_MIXED_STEPS]",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[RADIXKV_LOG_LEVEL]")
     return p
 
@@ -117,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         cuda_graphs=args.cuda_graphs,
         max_graph_batch=args.max_graph_batch,
         log_steps=args.log_steps,
+        mixed_steps=args.mixed_steps,
     )
 
 

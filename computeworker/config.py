@@ -37,6 +37,7 @@ class WorkerConfig:
     cuda_graphs: bool = True  # decode through CUDA graphs (CUDA only)
     max_graph_batch: int = 0  # largest captured decode batch; 0 = max_running
     log_steps: bool = False  # log every forward step's size and time (INFO)
+    mixed_steps: bool | None = None  # decodes inside prefill steps; None: on for CPU, off for CUDA
 
     def __post_init__(self) -> None:
         if not self.daemon_endpoint.startswith(("ipc://", "tcp://", "inproc://")):
@@ -58,6 +59,12 @@ class WorkerConfig:
             raise ValueError("threads must be >= 0")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s or self.welcome_timeout_s <= 0:
             raise ValueError("reconnect/welcome timings must be positive with min <= max")
+
+    @property
+    def resolved_mixed_steps(self) -> bool:
+        """CPU attention loops over sequences, so mixing costs nothing there; on a GPU a decode row in a
+        prefill step wastes an attention tile and misses the decode graph (computeworker.engine.scheduler)."""
+        return self.device == "cpu" if self.mixed_steps is None else self.mixed_steps
 
     @property
     def resolved_dtype(self) -> str:

@@ -239,6 +239,7 @@ class WorkerRuntime:
             eos_token_ids=info.eos_token_ids,
             max_running=self._config.max_running,
             prefill_chunk=self._config.prefill_chunk,
+            mixed_steps=self._config.resolved_mixed_steps,
             decode_page_chunk=welcome.decode_page_chunk,
             stream_max_tokens=self._config.stream_max_tokens,
             stream_interval_s=self._config.stream_interval_s,

@@ -63,6 +63,7 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...] = ()
     max_running: int = 16
     prefill_chunk: int = 512
+    mixed_steps: bool = True  # decodes and prefill chunks in one step; False: separate steps (see plan_step)
     decode_page_chunk: int = 4
     stream_max_tokens: int = 4  # flush a Generated frame at this many tokens ...
     stream_interval_s: float = 0.02  # ... or when the oldest unsent token is this old
@@ -108,6 +109,7 @@ class Engine:
         self._on_step = on_step
         self._last_fence: Fence | None = None  # recorded after the latest forward pass
         self.steps_done = 0  # forward passes completed (Heartbeat.steps_done)
+        self._last_step_prefilled = False
 
     # ------------------------------------------------------------------ counters (any thread may read)
 
@@ -228,7 +230,12 @@ class Engine:
     def step(self) -> int:
         """Run one forward pass over the scheduled work, sample, and queue the resulting messages.
         Returns the number of tokens computed (0 when nothing could run)."""
-        entries = plan_step(list(self._running.values()), self.config.prefill_chunk)
+        entries = plan_step(
+            list(self._running.values()),
+            self.config.prefill_chunk,
+            mixed=self.config.mixed_steps,
+            after_prefill=self._last_step_prefilled,
+        )
         if not entries:
             return 0
         for entry in entries:
@@ -239,6 +246,7 @@ class Engine:
                 req.cow_source = None
         start = time.perf_counter()
         num_prefill = sum(e.num_tokens for e in entries if e.request.is_prefilling)
+        self._last_step_prefilled = num_prefill > 0
         batch = build_batch(entries, self.config.page_size, self._pool.device)
         built = time.perf_counter()
         logits = self._model.forward(batch, self._pool, self._attention)

@@ -1,8 +1,8 @@
 """Which requests run in the next step, and the ForwardBatch that runs them.
 
-One step = one forward pass over a mixed batch: every decoding request contributes its one sampled
-token, and prefilling requests contribute chunks of their uncached prompt suffix, oldest first, until
-`prefill_chunk` prompt tokens are in the step. A request that has no free slot (waiting for
+One step = one forward pass: every decoding request contributes its one sampled token, and prefilling
+requests contribute chunks of their uncached prompt suffix, oldest first, until `prefill_chunk` prompt
+tokens are in the step; in one mixed batch, or (on CUDA) in alternating prefill and decode steps. A request that has no free slot (waiting for
 PagesGranted) or whose prompt commit is in flight sits the step out; the others go on.
 """
 
@@ -31,24 +31,35 @@ class StepEntry:
         return self.request.num_computed + self.num_tokens == self.request.num_tokens
 
 
-def plan_step(running: Sequence[Request], prefill_chunk: int) -> list[StepEntry]:
-    """Pick the work for one step. Decodes first (they are cheap and keep latency flat), then prefill
-    chunks within the token budget. Changes nothing."""
+def plan_step(
+    running: Sequence[Request], prefill_chunk: int, *, mixed: bool = True, after_prefill: bool = False
+) -> list[StepEntry]:
+    """Pick the work for one step. Changes nothing.
+
+    mixed: decodes first (they are cheap and keep latency flat), then prefill chunks within the token
+    budget, in one step. Separate (mixed=False, the CUDA default): a step is all prefill or all decode.
+    On a GPU a decode row inside a prefill step costs a 128-row attention tile over its whole KV and
+    keeps the step off the decode CUDA graph (measured on an H200: a step of 1.7k prefill tokens plus 118
+    decodes took ~80 ms, while a pure prefill step runs ~23 ms per 1k tokens and a graphed decode step of
+    128 sequences ~15 ms). Prefill goes first, but never twice in a row while decodes wait
+    (`after_prefill`: the previous step was a prefill step), so a stream of arrivals cannot starve them."""
     if prefill_chunk < 1:
         raise ValueError("prefill_chunk must be at least 1")
-    entries: list[StepEntry] = []
+    decodes = [StepEntry(req, 1) for req in running if req.can_step() and not req.is_prefilling]
+    prefills: list[StepEntry] = []
     budget = prefill_chunk
-    for req in running:
-        if req.can_step() and not req.is_prefilling:
-            entries.append(StepEntry(req, 1))
     for req in running:
         if budget == 0:
             break
         if req.can_step() and req.is_prefilling:
             n = min(req.num_pending_tokens, req.num_free_slots, budget)
-            entries.append(StepEntry(req, n))
+            prefills.append(StepEntry(req, n))
             budget -= n
-    return entries
+    if mixed:
+        return decodes + prefills
+    if prefills and not (decodes and after_prefill):
+        return prefills
+    return decodes
 
 
 def build_batch(entries: Sequence[StepEntry], page_size: int, device: torch.device) -> ForwardBatch:

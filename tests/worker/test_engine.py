@@ -271,6 +271,48 @@ def test_mixed_step_batches_decodes_with_a_prefill_chunk(shm_pool: MappedPool) -
     assert batch.kv_page_ids.tolist() == [1, 3]
 
 
+def test_separate_steps_alternate_prefill_and_decode(shm_pool: MappedPool) -> None:
+    """mixed_steps=False (the CUDA default): a step is all prefill or all decode; prefill goes first but
+    never twice in a row while decodes wait."""
+    model = CountingModel()
+    eng = _engine(shm_pool, model, prefill_chunk=4, mixed_steps=False)
+    a, b, c = b"a" * 16, b"b" * 16, b"c" * 16
+    eng.add(_dispatch([1, 2], 0, [], [1, 2], SamplingParams(temperature=0.0, max_tokens=6), rid=a))
+    eng.step()  # a's prefill
+    eng.add(_dispatch([20, 21, 22], 0, [], [3, 4], SamplingParams(temperature=0.0, max_tokens=2), rid=b))
+    eng.step()  # a waits one step: b's prefill would be a second prefill step in a row -> a decodes
+    eng.step()  # now b's prefill
+    eng.add(_dispatch([30, 31, 32], 0, [], [5, 6], SamplingParams(temperature=0.0, max_tokens=2), rid=c))
+    eng.step()  # decodes (a and b), since the last step prefilled
+    eng.step()  # c's prefill
+    shapes = [(batch.q_lens, batch.input_ids.tolist()) for batch in model.batches]
+    assert shapes == [
+        ((2,), [1, 2]),
+        ((1,), [3]),
+        ((3,), [20, 21, 22]),
+        ((1, 1), [4, 23]),
+        ((3,), [30, 31, 32]),
+    ]
+
+
+def test_separate_steps_never_starve_decodes(shm_pool: MappedPool) -> None:
+    """A new prefill before every step still leaves every other step to the decodes."""
+    model = CountingModel()
+    eng = _engine(shm_pool, model, prefill_chunk=4, mixed_steps=False, max_running=8)
+    eng.add(_dispatch([1, 2], 0, [], [1, 2], SamplingParams(temperature=0.0, max_tokens=4), rid=b"a" * 16))
+    for i in range(6):
+        eng.step()
+        if i < 5:
+            rid = bytes([65 + i]) * 16
+            eng.add(
+                _dispatch(
+                    [40 + i, 41], 0, [], [3 + i], SamplingParams(temperature=0.0, max_tokens=1), rid=rid
+                )
+            )
+    kinds = ["decode" if b.is_decode else "prefill" for b in model.batches]
+    assert kinds == ["prefill", "decode", "prefill", "decode", "prefill", "decode"]
+
+
 def test_bad_dispatch_raises_and_changes_nothing(shm_pool: MappedPool) -> None:
     eng = _engine(shm_pool, CountingModel())
     with pytest.raises(ValueError, match="page boundary"):

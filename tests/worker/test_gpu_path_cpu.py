@@ -151,3 +151,17 @@ def test_gpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.cuda_graphs, config.log_steps, config.random_weights) == (False, True, False)
     with pytest.raises(ValueError, match="random-weights needs --model"):
         config_from_args(build_parser().parse_args(["--random-weights"]))
+
+
+def test_mixed_steps_default_by_device_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    def resolved(argv: list[str]) -> bool:
+        return config_from_args(
+            build_parser().parse_args(["--daemon", "ipc:///tmp/x", *argv])
+        ).resolved_mixed_steps
+
+    assert resolved([]) is True  # CPU
+    assert resolved(["--device", "cuda:0"]) is False
+    assert resolved(["--device", "cuda:0", "--mixed-steps"]) is True
+    assert resolved(["--no-mixed-steps"]) is False
+    monkeypatch.setenv("RADIXKV_MIXED_STEPS", "1")
+    assert resolved(["--device", "cuda:0"]) is True
