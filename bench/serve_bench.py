@@ -90,6 +90,7 @@ class Stack:
                 "--random-weights", "--dtype", kv_dtype, "--max-running", str(args.max_running),
                 "--prefill-chunk", str(args.prefill_chunk), "--log-steps", "--log-level", "DEBUG",
                 *(() if args.cuda_graphs else ("--no-cuda-graphs",)),
+                *(() if args.mixed_steps is None else ("--mixed-steps" if args.mixed_steps else "--no-mixed-steps",)),
             ),
         )  # fmt: skip
         self.supervisor = Supervisor(self.config)
@@ -485,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=16384)
     p.add_argument("--worker-reserve-gib", type=int, default=8, help="per worker beyond the weights")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--mixed-steps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the workers' --mixed-steps",
+    )
     p.add_argument("--phases", default="abc", help="which phases to run: a (shared prefix), b, c")
     p.add_argument("--previous", type=Path, help="an earlier report: sections of phases not run come from it")
     p.add_argument("--run-label", default=None, help="a name for this run, kept in the report")
