@@ -41,3 +41,44 @@ def test_sglang_baseline_runs_where_sglang_is_installed() -> None:
     pytest.importorskip("sglang.srt.mem_cache.radix_cache")
     result = run_json("bench.sglang_tree_bench", "--json", "--repeats", "1")
     assert result["hit_rate"] == 0.9224
+
+
+def test_serve_bench_runs_every_phase_on_cpu(tmp_path: Path) -> None:
+    """The full-stack bench (daemon, workers, HTTP) on the tiny random model: all three phases, the 2-worker
+    packed and spread stacks, and the report's contract."""
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "bench.serve_bench", "--device", "cpu", "--shape", "tiny", "--phases", "abc",
+            "--prefix-tokens", "256", "--question-tokens", "16", "--cold-reps", "1", "--clients", "4",
+            "--rounds", "2", "--new-tokens", "32", "--output-tokens", "4", "--request-rate", "100",
+            "--groups", "2", "--followers", "2", "--group-prefix-tokens", "64", "--groups-repeats", "1",
+            "--max-running", "4", "--prefill-chunk", "512", "--out", str(out), "--logs-out", str(tmp_path / "logs.tgz"),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {
+        "ttft_cached_speedup",
+        "forward_cached_speedup",
+        "multiturn_throughput_ratio",
+        "multiturn_token_hit_rate",
+        "two_workers_throughput_ratio",
+        "two_workers_every_follower_hit",
+        "two_workers_spread_ratio",
+    } <= report["targets"].keys()
+    assert report["shared_prefix"]["cached_tokens_hot"] == [256] * len(
+        report["shared_prefix"]["cached_tokens_hot"]
+    )
+    assert (
+        report["multi_turn"]["cache"]["token_hit_rate"] > 0
+        and report["multi_turn"]["no_cache"]["token_hit_rate"] == 0
+    )
+    for section in ("groups_1_worker", "groups_2_workers", "groups_2_workers_spread"):
+        assert report[section]["min_cached_tokens"] == 64  # every follower hit its whole prefix
+    assert (
+        sum(report["groups_2_workers_spread"]["prefill_tokens_per_worker"])
+        == report["groups_2_workers_spread"]["prefill_tokens_ideal"]
+    )
+    assert (tmp_path / "logs.tgz").stat().st_size > 0 and out.with_suffix(".png").exists()
