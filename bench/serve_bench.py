@@ -8,7 +8,9 @@ Phases (bench/serve_client.py has the workloads):
      same requests (worker `--log-steps` lines: the cold step has prefix+question tokens and nothing
      cached, the hot one only the question over the cached prefix)
   B  multi-turn, 1 worker: with the cache, then without (a fresh cache_salt per request)
-  C  shared groups: the same requests on 1 worker, then on 2 workers sharing the pool
+  C  shared groups: the same requests on 1 worker, then on 2 workers sharing the pool (packed, then
+     spread: --dispatch), three rounds each
+bench/serve_stack.py runs the stacks and reads their step logs; bench/serve_report.py writes the report.
 Writes JSON (every target: measured, target, ceiling, met) and a PNG beside it.
 """
 
@@ -16,119 +18,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import random
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from bench.random_model import LLAMA3_8B, LlamaShape, write_model_dir
 from bench.serve_client import MultiTurn, complete, random_tokens, run_groups, run_multi_turn
-from cachemgr.launcher import StackConfig, Supervisor, free_port
+from bench.serve_report import build_report, plot
+from bench.serve_stack import (
+    GIB,
+    TRACE_FIELDS,
+    Stack,
+    measure_copy_bandwidth,
+    plan_memory,
+    step_summary,
+)
 
 TINY = LlamaShape(1000, 256, 512, 2, 4, 2, 64, 32768, 10000.0, 1e-5)
-_STEP = re.compile(r"step seqs=(\d+) tokens=(\d+) prefill=(\d+) cached=(\d+) ms=([\d.]+)")
-# The worker's DEBUG trace of each step (computeworker.runtime): where the time from a Dispatch read to
-# its messages handed to ZeroMQ went.
-_TRACE_FIELDS = ("dispatch", "step", "build", "forward", "sample", "handoff", "send")
-_TRACE = re.compile(
-    r"trace tokens=(\d+) cached=(\d+) " + " ".join(rf"{f}_ms=(-?[\d.]+)" for f in _TRACE_FIELDS)
-)
-GIB = 1 << 30
-
-
-def weight_bytes(shape: LlamaShape, read_only: bool = False) -> int:
-    """bf16 bytes of the weights (read_only: what one forward reads; the embedding is gathered)."""
-    layer = shape.hidden_size * (
-        shape.num_attention_heads * shape.head_dim * 2
-        + 2 * shape.num_key_value_heads * shape.head_dim
-        + 3 * shape.intermediate_size
-    )
-    embed = shape.vocab_size * shape.hidden_size
-    return 2 * (shape.num_hidden_layers * layer + embed * (1 if read_only else 2))
-
-
-def kv_bytes_per_token(shape: LlamaShape, elem: int) -> int:
-    return shape.num_hidden_layers * 2 * shape.num_key_value_heads * shape.head_dim * elem
-
-
-class Stack:
-    """A supervised stack with its worker logs; `steps(since)` parses --log-steps lines."""
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        model_dir: Path,
-        workers: int,
-        budget: int,
-        tmp: Path,
-        extra_daemon_args: tuple[str, ...] = (),
-    ) -> None:
-        cuda = args.device.startswith("cuda")
-        kv_dtype = "bfloat16" if cuda else "float32"
-        tag = f"{workers}{''.join(a.strip('-')[0] for a in extra_daemon_args)}"
-        self.log_dir = tmp / f"logs-{tag}"
-        self.config = StackConfig(
-            num_workers=workers,
-            model=str(model_dir),
-            http_port=free_port(),
-            run_dir=tmp / f"run-{tag}",
-            device=args.device,
-            log_dir=self.log_dir,
-            ready_timeout_s=600.0,
-            daemon_args=(
-                "--device", args.device, "--kv-dtype", kv_dtype, "--kv-budget", str(budget),
-                "--max-queue", "100000", "--page-wait-timeout", "600", "--dispatch", args.dispatch,
-                *extra_daemon_args,
-            ),
-            worker_args=(
-                "--random-weights", "--dtype", kv_dtype, "--max-running", str(args.max_running),
-                "--prefill-chunk", str(args.prefill_chunk), "--log-steps", "--log-level", "DEBUG",
-                *(() if args.cuda_graphs else ("--no-cuda-graphs",)),
-                *(() if args.mixed_steps is None else ("--mixed-steps" if args.mixed_steps else "--no-mixed-steps",)),
-            ),
-        )  # fmt: skip
-        self.supervisor = Supervisor(self.config)
-        self.workers = workers
-
-    def __enter__(self) -> Stack:
-        self.supervisor.start()
-        self.supervisor.wait_ready(min_workers=self.workers)
-        with urllib.request.urlopen(self.config.url + "/v1/models", timeout=10) as resp:
-            self.model = json.loads(resp.read())["data"][0]["id"]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.supervisor.stop()
-
-    def log_sizes(self) -> list[int]:
-        return [(self.log_dir / f"worker-{i}.log").stat().st_size for i in range(self.workers)]
-
-    def _log_since(self, i: int, offset: int) -> str:
-        with open(self.log_dir / f"worker-{i}.log", "rb") as f:
-            f.seek(offset)
-            return f.read().decode(errors="replace")
-
-    def steps(self, since: list[int]) -> list[list[tuple[int, int, int, int, float]]]:
-        """Per worker: (seqs, tokens, prefill, cached, ms) of every step logged after `since`."""
-        out = []
-        for i, offset in enumerate(since):
-            text = self._log_since(i, offset)
-            out.append([(int(a), int(b), int(c), int(d), float(e)) for a, b, c, d, e in _STEP.findall(text)])
-        return out
-
-    def traces(self, since: list[int]) -> list[tuple[int, int, dict[str, float]]]:
-        """(tokens, cached, {field: ms}) of every worker step trace logged after `since`."""
-        out = []
-        for i, offset in enumerate(since):
-            for m in _TRACE.findall(self._log_since(i, offset)):
-                out.append((int(m[0]), int(m[1]), dict(zip(_TRACE_FIELDS, map(float, m[2:]), strict=True))))
-        return out
 
 
 def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
@@ -215,50 +125,13 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
         "forward_cold_ms": round(statistics.median(cold_ms), 3) if cold_ms else None,
         "forward_cached_ms": round(statistics.median(hot_ms), 3) if hot_ms else None,
         "worker_trace_cached_ms": {
-            f: round(statistics.median(t[f] for t in hot_traces), 3) for f in _TRACE_FIELDS
+            f: round(statistics.median(t[f] for t in hot_traces), 3) for f in TRACE_FIELDS
         }
         if hot_traces
         else None,
         "forward_cold_all_ms": cold_ms,
         "forward_cached_all_ms": hot_ms,
     }
-
-
-def measure_copy_bandwidth(device: str) -> float | None:
-    """Device-to-device copy, bytes read + written per second (the bandwidth ceiling); None on CPU."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    rate = 2 * 20 * src.numel() / (start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return rate
-
-
-def plan_memory(args: argparse.Namespace, shape: LlamaShape) -> tuple[int, int, int, str]:
-    """(KV budget for 1 worker, for 2 workers, clients, card name) from the free device memory."""
-    if not args.device.startswith("cuda"):
-        return 256 << 20, 256 << 20, args.clients, "cpu"
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(torch.device(args.device))
-    reserve = weight_bytes(shape) + args.worker_reserve_gib * GIB
-    budget1 = int(free - reserve - 2 * GIB)
-    budget2 = int(free - 2 * reserve - 2 * GIB)
-    per_client = kv_bytes_per_token(shape, 2) * args.rounds * (args.new_tokens + args.output_tokens)
-    clients = max(1, min(args.clients, int(0.9 * budget1 // per_client)))
-    return budget1, budget2, clients, torch.cuda.get_device_name(torch.device(args.device))
 
 
 def phase_b(stack: Stack, args: argparse.Namespace, clients: int, vocab: int, encode) -> dict:
@@ -302,158 +175,6 @@ def phase_c(stack: Stack, args: argparse.Namespace, vocab: int, salt: str) -> di
     )
     out["prefix_len"] = args.group_prefix_tokens
     return out
-
-
-def step_summary(steps: list[tuple[int, int, int, int, float]]) -> dict:
-    """One worker's logged steps: how many, their summed time, and the decode-only ones apart."""
-    decode = [s for s in steps if s[2] == 0]
-    return {
-        "steps": len(steps),
-        "step_ms_total": round(sum(s[4] for s in steps), 1),
-        "decode_steps": len(decode),
-        "decode_ms_mean": round(sum(s[4] for s in decode) / len(decode), 2) if decode else None,
-        "decode_seqs_mean": round(sum(s[0] for s in decode) / len(decode), 1) if decode else None,
-        "prefill_steps": len(steps) - len(decode),
-        "prefill_ms_total": round(sum(s[4] for s in steps if s[2]), 1),
-    }
-
-
-def target(measured: float | None, goal: float, ceiling: float | None = None, higher: bool = True) -> dict:
-    met = measured is not None and (measured >= goal if higher else measured <= goal)
-    return {"measured": measured, "target": goal, "ceiling": ceiling, "met": met}
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a and b else None
-
-
-def build_report(
-    args: argparse.Namespace,
-    shape: LlamaShape,
-    card: str,
-    bw: float | None,
-    a,
-    b,
-    c1,
-    c2,
-    c2_spread,
-    previous,
-) -> dict:
-    """The JSON report. Sections of phases not run this time (None) come from `previous` (an earlier
-    report), each marked with "from": that report's run label, as do their targets."""
-    # Streaming reads run at about the copy figure (read + write bytes per second) on H100/H200.
-    floor_ms = weight_bytes(shape, read_only=True) / bw * 1e3 if bw else None
-    targets: dict = {}
-    if a is not None:
-        targets["ttft_cached_speedup"] = target(ratio(a["ttft_cold_s"], a["ttft_cached_s"]), 20.0)
-        targets["ttft_cached_speedup_text"] = target(
-            ratio(a["ttft_cold_text_s"], a["ttft_cached_text_s"]), 20.0
-        )
-        targets["forward_cached_speedup"] = target(
-            ratio(a["forward_cold_ms"], a["forward_cached_ms"]), 40.0, ratio(a["forward_cold_ms"], floor_ms)
-        )
-    if b is not None:
-        # Ceiling: if prefill were all the work, the cache saves at most this factor of prompt tokens.
-        targets["multiturn_throughput_ratio"] = target(
-            ratio(b["cache"]["total_tokens_per_s"], b["no_cache"]["total_tokens_per_s"]), 4.0,
-            round(1 / (1 - b["hit_rate_ceiling"]), 2),
-        )  # fmt: skip
-        targets["multiturn_token_hit_rate"] = target(
-            b["cache"]["token_hit_rate"], 0.75, b["hit_rate_ceiling"]
-        )
-    if c1 is not None and c2 is not None:
-        targets["two_workers_throughput_ratio"] = target(
-            ratio(c2["requests_per_s"], c1["requests_per_s"]), 1.0
-        )
-        targets["two_workers_every_follower_hit"] = target(
-            float(c2["min_cached_tokens"] == c2["prefix_len"]), 1.0
-        )
-    if c1 is not None and c2_spread is not None:  # the baseline: requests spread over the two workers
-        targets["two_workers_spread_ratio"] = target(
-            ratio(c2_spread["requests_per_s"], c1["requests_per_s"]), 1.0
-        )
-    sections = {
-        "shared_prefix": a,
-        "multi_turn": b,
-        "groups_1_worker": c1,
-        "groups_2_workers": c2,
-        "groups_2_workers_spread": c2_spread,
-    }
-    if previous is not None:
-        label = previous.get("run") or f"{previous['card']}, {previous['date']}"
-        for name, value in sections.items():
-            if value is None and previous.get(name) is not None:
-                sections[name] = {**previous[name], "from": previous[name].get("from", label)}
-        for key, value in previous["targets"].items():
-            if key not in targets:
-                targets[key] = {**value, "from": value.get("from", label)}
-    return {
-        "run": args.run_label,
-        "card": card,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.serve_bench " + " ".join(sys.argv[1:]),
-        "shape": {k: getattr(shape, k) for k in shape.__slots__},
-        "copy_bandwidth_GBps": round(bw / 1e9, 1) if bw else None,
-        "weight_read_floor_ms": round(floor_ms, 3) if floor_ms else None,
-        "targets": targets,
-        **sections,
-    }
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    a, b = report["shared_prefix"], report["multi_turn"]
-    c1, c2 = report["groups_1_worker"], report["groups_2_workers"]
-    c2_spread = report.get("groups_2_workers_spread")
-
-    def src(section: dict) -> str:
-        return f"\n({section['from']})" if "from" in section else ""
-
-    bars = []
-    if a is not None:
-        bars += [
-            (
-                ["cold", "cached"],
-                [a["ttft_cold_s"] * 1e3, a["ttft_cached_s"] * 1e3],
-                "TTFT ms, token ids" + src(a),
-            ),
-            (
-                ["cold", "cached"],
-                [a["ttft_cold_text_s"] * 1e3, a["ttft_cached_text_s"] * 1e3],
-                "TTFT ms, text" + src(a),
-            ),
-            (
-                ["cold", "cached"],
-                [a["forward_cold_ms"] or 0, a["forward_cached_ms"] or 0],
-                "engine step ms" + src(a),
-            ),
-        ]
-    if b is not None:
-        bars.append(
-            (
-                ["no cache", "cache"],
-                [b["no_cache"]["total_tokens_per_s"], b["cache"]["total_tokens_per_s"]],
-                "multi-turn tokens/s" + src(b),
-            )
-        )
-    if c1 is not None and c2 is not None:
-        labels, values = ["1 worker", "2 workers"], [c1["requests_per_s"], c2["requests_per_s"]]
-        if c2_spread is not None:
-            labels, values = ["1", "2, packed", "2, spread"], [*values, c2_spread["requests_per_s"]]
-        bars.append((labels, values, "shared groups req/s (workers)" + src(c2)))
-    fig, axes = plt.subplots(1, len(bars), figsize=(4 * len(bars), 3.8), squeeze=False)
-    for ax, (labels, values, title) in zip(axes[0], bars, strict=True):
-        ax.bar(labels, values, color=["#999", "#2a7", "#c84"][: len(values)])
-        ax.set_title(title, fontsize=9)
-        for x, v in enumerate(values):
-            ax.text(x, v, f"{v:.3g}", ha="center", va="bottom")
-    fig.suptitle(f"radixkv serve bench, {report['card']}, {report['date']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
