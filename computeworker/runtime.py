@@ -330,10 +330,7 @@ class WorkerRuntime:
         Dispatch read -> step submitted), the step's own phases, handoff (loop -> compute thread -> loop,
         beyond the step's own time) and send (step returned -> its messages handed to ZeroMQ)."""
         sent = time.perf_counter()
-        # The next step may be running and appending: take only what is there now.
-        count = len(self._step_stats)
-        stats = self._step_stats[:count]
-        del self._step_stats[:count]
+        stats, self._step_stats[:] = list(self._step_stats), []
         for st in stats:
             if self._on_step is not None:
                 self._on_step(st)

@@ -69,16 +69,11 @@ class WorkerRegistry:
     def pick(self) -> WorkerState | None:
         """The least-loaded (spread) or most-loaded (pack) worker with a free slot, or None. Ties go to
         the longest registered."""
-        sign = -1 if self.dispatch == "pack" else 1
-        best: WorkerState | None = None
-        best_key = 0
-        for worker in self._by_identity.values():
-            if not worker.has_capacity:
-                continue
-            key = sign * len(worker.request_ids)
-            if best is None or key < best_key:
-                best, best_key = worker, key
-        return best
+        free = [w for w in self._by_identity.values() if w.has_capacity]
+        if not free:
+            return None
+        choose = max if self.dispatch == "pack" else min  # both keep the first of equals
+        return choose(free, key=lambda w: len(w.request_ids))
 
     def stalled(self, timeout_s: float) -> list[WorkerState]:
         """Workers holding requests that showed no progress for longer than ``timeout_s``."""
