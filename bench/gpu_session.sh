@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the wheelhouse, compile FlashInfer's kernels in parallel, then run the
-# steps named as arguments (tests, kernels, model, serve, profile), teeing every log to $OUT.
+# steps named as arguments (tests, kernels, model, serve, profile, attention), teeing every log to $OUT.
 #   bash bench/gpu_session.sh tests kernels
 #   SERVE_ARGS="--clients 64" bash bench/gpu_session.sh serve     (bench/serve_bench.py, full stack)
 #   TEST_PATHS="tests/gpu/test_extend_split.py" bash bench/gpu_session.sh tests profile   (some tests; the
@@ -23,9 +23,10 @@ python3 bench/gpu_warm.py 2>&1 | tee "$OUT/warm.log"
 for step in "$@"; do
   case $step in
     tests) python3 -m pytest -q -m gpu ${TEST_PATHS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
-    profile) python3 bench/gpu_profile.py --out "$OUT/gpu_profile.json" 2>&1 | tee "$OUT/profile.log" ;;
+    profile) python3 bench/gpu_profile.py --out "$OUT/gpu_profile.json" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" ;;
     serve) python3 -m bench.serve_bench --out "$OUT/serve_bench.json" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
     kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    attention) python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" 2>&1 | tee "$OUT/model.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -49,12 +49,15 @@ import torch
 from computeworker.model.attention_flashinfer import FlashInferAttention, qo_indptr_of
 from computeworker.model.batch import ForwardBatch
 from computeworker.model.cuda_graphs import ForwardFn, GraphAttention
+from computeworker.model.split_extend import SplitExtendAttention, SplitScratch
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_BUCKETS = (128, 256, 512)
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4)
 DEFAULT_BACKEND = "fa2"
+BACKENDS = ("fa2", "fa3", "fa3-split")
+DEFAULT_NUM_CHUNKS = 4
 
 
 def pick_bucket(num_tokens: int, buckets: tuple[int, ...]) -> int | None:
@@ -86,7 +89,9 @@ class _Slot:
 
     batch_size: int
     num_tokens: int  # the bucket: rows the graph computes
-    wrapper: object  # flashinfer.BatchPrefillWithPagedKVCacheWrapper (CUDA-graph mode)
+    wrapper: (
+        object  # flashinfer.BatchPrefillWithPagedKVCacheWrapper (CUDA-graph mode) or SplitExtendAttention
+    )
     batch: ForwardBatch  # static inputs the graph reads
     kv_rows: torch.Tensor  # [num_tokens, 2] int64 rows of kv_layer.view(-1, heads, dim) receiving K and V
     out: torch.Tensor  # [num_tokens, heads, head_dim] the attention output buffer, shared by all layers
@@ -112,8 +117,11 @@ class ExtendGraphs:
         batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
         token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS,
         backend: str = DEFAULT_BACKEND,
+        num_chunks: int = DEFAULT_NUM_CHUNKS,
     ) -> None:
-        """backend: FlashInfer's paged-prefill backend for these graphs, "fa2" or "fa3" (sm90 only)."""
+        """backend: FlashInfer's paged-prefill backend for these graphs, "fa2", "fa3" (sm90 only) or
+        "fa3-split" (sm90 only: fa3 over `num_chunks` prefix chunks plus the causal tail, merged; see
+        split_extend)."""
         import flashinfer
 
         if not batch_sizes or min(batch_sizes) < 1:
@@ -122,8 +130,10 @@ class ExtendGraphs:
             raise ValueError(f"token buckets {token_buckets} must hold at least one token per sequence")
         if max_pages_per_seq < 1:
             raise ValueError("max_pages_per_seq must be >= 1")
-        if backend not in ("fa2", "fa3"):
-            raise ValueError(f"backend must be 'fa2' or 'fa3', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if num_chunks < 1:
+            raise ValueError("num_chunks must be >= 1")
         self._forward = forward
         self._attention = attention
         self.pool = pool
@@ -138,18 +148,34 @@ class ExtendGraphs:
         i32 = dict(dtype=torch.int32, device=device)
         self._slots: dict[tuple[int, int], _Slot] = {}
         with torch.inference_mode():
+            split_scratch = (
+                SplitScratch.allocate(attention, num_chunks, max(self.token_buckets))
+                if backend == "fa3-split"
+                else None
+            )
             for bs in self.batch_sizes:
                 for num_tokens in self.token_buckets:
-                    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                        attention.workspace,
-                        "NHD",
-                        backend=backend,
-                        use_cuda_graph=True,
-                        qo_indptr_buf=torch.zeros(bs + 1, **i32),
-                        paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
-                        paged_kv_indices_buf=torch.zeros(bs * max_pages_per_seq, **i32),
-                        paged_kv_last_page_len_buf=torch.zeros(bs, **i32),
-                    )
+                    wrapper: object
+                    if split_scratch is not None:
+                        wrapper = SplitExtendAttention(
+                            attention,
+                            split_scratch,
+                            batch_size=bs,
+                            num_rows=num_tokens,
+                            num_chunks=num_chunks,
+                            max_pages_per_seq=max_pages_per_seq,
+                        )
+                    else:
+                        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                            attention.workspace,
+                            "NHD",
+                            backend=backend,
+                            use_cuda_graph=True,
+                            qo_indptr_buf=torch.zeros(bs + 1, **i32),
+                            paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
+                            paged_kv_indices_buf=torch.zeros(bs * max_pages_per_seq, **i32),
+                            paged_kv_last_page_len_buf=torch.zeros(bs, **i32),
+                        )
                     zeros = torch.zeros(num_tokens, dtype=torch.int64, device=device)
                     q_lens = (num_tokens - bs + 1,) + (1,) * (bs - 1)  # the capture-time layout
                     batch = ForwardBatch(
@@ -199,13 +225,13 @@ class ExtendGraphs:
             # Capture-time pages cycle through the scratch pool: reading repeats is harmless, and the
             # write rows (all zero here) only ever land in the scratch pool.
             page_ids = torch.arange(num_pages, dtype=torch.int32, device=self._attention.device) % num_scratch
-            qo_indptr = qo_indptr_of(s.q_lens)
-            s.qo_indptr.copy_(qo_indptr)
-            self._plan(slot, qo_indptr, s.kv_lens, page_ids)
+            s.qo_indptr.copy_(qo_indptr_of(s.q_lens))
+            self._plan(slot, s.q_lens, s.kv_lens, page_ids)
             slot.plan_key = _plan_key(slot.wrapper)
-            # fa2's kernel reads q through its row stride: the q slice of the fused QKV output needs no copy.
+            # fa2's kernel reads q through its row stride, and the split path copies q anyway: the q slice
+            # of the fused QKV output needs no copy of its own.
             attn = GraphAttention(
-                slot.wrapper, slot.kv_rows, self.shape, strided_q=self.backend == "fa2", out=slot.out
+                slot.wrapper, slot.kv_rows, self.shape, strided_q=self.backend != "fa3", out=slot.out
             )
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -240,7 +266,7 @@ class ExtendGraphs:
         slot = self._slots[(n, bucket)]
         if slot.graph is None or slot.logits is None:
             raise ValueError("capture() first")
-        self._plan(slot, qo_indptr_of(batch.q_lens), batch.kv_lens, batch.kv_page_ids)
+        self._plan(slot, batch.q_lens, batch.kv_lens, batch.kv_page_ids)
         if _plan_key(slot.wrapper) != slot.plan_key:
             self.num_plan_mismatches += 1
             if self.num_plan_mismatches == 1:
@@ -268,13 +294,19 @@ class ExtendGraphs:
         return slot.logits
 
     def _plan(
-        self, slot: _Slot, qo_indptr: torch.Tensor, kv_lens: tuple[int, ...], page_ids: torch.Tensor
+        self, slot: _Slot, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor
     ) -> None:
-        self._attention.plan_prefill(slot.wrapper, qo_indptr, kv_lens, page_ids.to(torch.int32))
+        page_ids = page_ids.to(torch.int32)
+        if isinstance(slot.wrapper, SplitExtendAttention):
+            slot.wrapper.plan(q_lens, kv_lens, page_ids)
+        else:
+            self._attention.plan_prefill(slot.wrapper, qo_indptr_of(q_lens), kv_lens, page_ids)
 
 
 def _plan_key(wrapper: object) -> tuple[int, ...]:
     """The launch record of the wrapper's last plan (FlashInfer's PrefillPlanInfo as integers: padded grid,
     tile size, split-KV flag, workspace offsets). A graph replay is valid only while it equals the
     capture's. Read from a private attribute: FlashInfer exposes no public view of the plan's decision."""
+    if isinstance(wrapper, SplitExtendAttention):
+        return wrapper.launch_key
     return tuple(int(x) for x in wrapper._plan_info)  # type: ignore[attr-defined]

@@ -36,9 +36,9 @@ class AttentionOnly:
         return attention.forward(0, self.q[:n], self.k[:n], self.v[:n], kv_pool[0])  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+@pytest.mark.parametrize("backend", ["fa2", "fa3", "fa3-split"])
 def test_one_graph_serves_short_and_long_prefixes(backend: str) -> None:
-    if backend == "fa3" and torch.cuda.get_device_capability()[0] != 9:
+    if backend.startswith("fa3") and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("fa3 needs sm90")
     gen = torch.Generator(device="cuda").manual_seed(8)
     attn = FlashInferAttention(AttentionShape(HEADS, KV_HEADS, DIM, PAGE), device="cuda")
