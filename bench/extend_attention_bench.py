@@ -1,4 +1,4 @@
-"""Attention of a small prefill over a long cached prefix, alone: one kernel versus the KV split by hand.
+"""Attention of a small prefill over a cached prefix, alone: FlashInfer's fa2 against fa3 per shape.
 
     PYTHONPATH=. python3 bench/extend_attention_bench.py --out $OUT/extend_attention.json
 
@@ -8,8 +8,8 @@ layer calls are captured in one CUDA graph; the figure is the replay's median (d
 
     fa2          FlashInfer's fa2 paged prefill (mma.sync, splits long KV itself, plus its merge kernel)
     fa3          FlashInfer's fa3 paged prefill (wgmma, one CTA per query tile and head, no KV split)
-    fa3-split-C  split_extend: fa3 over C prefix chunks + a causal fa3 tail, merged (split_merge);
-                 a trailing p runs the tail on a second stream (a parallel branch of the graph)
+The extend graphs' "auto" backend takes fa2 for the 128-token bucket and fa3 above it from these
+figures. (Commit 33a8289 also measured fa3 over prefix chunks merged by log-sum-exp, `fa3-split-C`.)
 
 Also per variant: the host time of plan(), whether a plan for other lengths keeps the capture's launch
 record (the graphs need it), a cProfile of plan() (first case), and the error of the last layer's
@@ -32,7 +32,6 @@ import torch
 
 from bench.gpu_timing import run_metadata, time_ms
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention, qo_indptr_of
-from computeworker.model.split_extend import SplitExtendAttention, SplitScratch
 
 SHAPE = AttentionShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
 NUM_LAYERS = 32
@@ -123,21 +122,8 @@ def run_case(
     total = sum(q_lens)
     result: dict[str, Any] = {"q_lens": q_lens, "kv_lens": kv_lens, "rows": rows}
     max_pages_per_seq = seq_pages + 4
-    scratch = SplitScratch.allocate(attention, 8, rows)
     for variant in variants:
-        if variant in ("fa2", "fa3"):
-            impl: Any = Fa(attention, variant, bs, bs * max_pages_per_seq)
-        else:
-            chunks = int(variant.split("-")[2].rstrip("p"))
-            impl = SplitExtendAttention(
-                attention,
-                scratch,
-                batch_size=bs,
-                num_rows=rows,
-                num_chunks=chunks,
-                max_pages_per_seq=max_pages_per_seq,
-                parallel_tail=variant.endswith("p"),
-            )
+        impl = Fa(attention, variant, bs, bs * max_pages_per_seq)
         out = torch.zeros((rows, s.num_qo_heads, s.head_dim), dtype=torch.bfloat16, device="cuda")
         # As the extend graphs do: plan the capture layout (all rows in sequence 0, no prefix), run once
         # eagerly, capture, then plan the real step (the launch record must match) and replay.
@@ -194,11 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument(
-        "--variants",
-        nargs="*",
-        default=["fa2", "fa3", "fa3-split-2", "fa3-split-3", "fa3-split-4", "fa3-split-4p", "fa3-split-8"],
-    )
+    parser.add_argument("--variants", nargs="*", default=["fa2", "fa3"], choices=["fa2", "fa3"])
     args = parser.parse_args()
     attention = FlashInferAttention(SHAPE, device="cuda", prefill_backend="fa2")
     report: dict[str, Any] = {"meta": run_metadata(), "cases": {}}

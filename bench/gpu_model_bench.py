@@ -155,13 +155,17 @@ def host_costs_us(spec: ModelSpec, runner: Runner, q_len: int = 100) -> dict[str
     return {name: host_issue_ms(fn, reps=50) * 1e3 for name, fn in ops.items()}
 
 
-def model_figures(matmul_ceiling_tflops: float, copy_ceiling_tbps: float) -> dict[str, Any]:
+def model_figures(
+    matmul_ceiling_tflops: float, copy_ceiling_tbps: float, paths: tuple[str, ...] = ("model", "torch_path")
+) -> dict[str, Any]:
     """Both forward paths on one model: `model` (LlamaCudaForward, fused kernels) and `torch_path`
     (LlamaModel.forward as wired, the torch ops)."""
     spec = spec_from_hf_config(LLAMA3_8B_CONFIG, "random-llama3-8b")
     model = random_model(spec)
     result = {}
     for key, fused in (("model", True), ("torch_path", False)):
+        if key not in paths:
+            continue
         result[key] = path_figures(spec, model, fused, matmul_ceiling_tflops, copy_ceiling_tbps)
         print(json.dumps({key: result[key]}), file=sys.stderr, flush=True)
     return result
@@ -183,6 +187,11 @@ def path_figures(
     cached_issue_ms = host_issue_ms(lambda: runner.forward(tokens[10_000:], 10_000))
     host_costs = host_costs_us(spec, runner)
     graphed = graphed_cached_ms(model, runner, tokens) if fused else None
+    chunked = (
+        {backend: chunked_prefill_ms(model, runner, tokens, backend) for backend in ("fa2", "auto")}
+        if fused
+        else None
+    )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
         spec.vocab_size * spec.hidden_size * 2  # the embedding table is gathered, not read whole
     )
@@ -209,6 +218,9 @@ def path_figures(
         "cached_graph_ms": graphed,
         "cached_graph_backend": DEFAULT_BACKEND if fused else None,
         "cached_graph_speedup": cold10k_ms / graphed if graphed else None,
+        # The 10,100-token prompt cold, in 512-token chunks (the worker's default --prefill-chunk) through
+        # the extend graphs (buckets 128/256/512): all-fa2 graphs against "auto" (fa3 above 128 tokens).
+        "chunked_prefill_512_ms": chunked,
         "host_us_per_call": host_costs,
         "target_cached_speedup": 40.0,
         "weight_read_floor_ms": weight_bytes / (copy_ceiling_tbps * 1e12) * 1e3,
@@ -234,6 +246,36 @@ def graphed_cached_ms(model: LlamaModel, runner: Runner, tokens: torch.Tensor) -
     return ms
 
 
+def chunked_prefill_ms(model: LlamaModel, runner: Runner, tokens: torch.Tensor, backend: str) -> float:
+    """Median ms to prefill all of `tokens` cold in 512-token chunks, each over the chunks before it,
+    through CudaModelRunner's extend graphs on `backend` (one sequence; batch building included)."""
+    from computeworker.model.cuda_runner import CudaModelRunner
+
+    cuda = CudaModelRunner(
+        model,
+        max_graph_batch=1,
+        extend_batch_sizes=(1,),
+        extend_token_buckets=(128, 256, 512),
+        extend_backend=backend,
+    )
+    cuda.bind(runner.pool, runner.attn)
+    n = tokens.numel()
+    pages = list(range((n + PAGE - 1) // PAGE))
+    ids = tokens.tolist()
+
+    def prefill() -> None:
+        for start in range(0, n, 512):
+            chunk = ids[start : start + 512]
+            cuda.forward(
+                build_forward_batch([SeqChunk(chunk, start, pages)], PAGE, "cuda"), runner.pool, runner.attn
+            )
+
+    ms = time_ms(prefill, warmup=1, reps=5)
+    if cuda.num_eager_steps:
+        raise RuntimeError(f"{cuda.num_eager_steps} chunks ran eagerly")
+    return ms
+
+
 def _linear_flops_per_token(spec: ModelSpec) -> float:
     """qkv + o + gate_up + down matmul FLOPs of one token in one layer."""
     h, d = spec.hidden_size, spec.head_dim
@@ -244,10 +286,12 @@ def _linear_flops_per_token(spec: ModelSpec) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_model.json"))
+    parser.add_argument("--paths", default="model,torch_path", help="which forward paths to measure")
     args = parser.parse_args(argv)
     ceilings = {"matmul_bf16_tflops": matmul_tflops(), "copy_tbps": copy_tbps()}
     result: dict[str, Any] = {"meta": run_metadata(), "ceilings": ceilings}
-    result.update(model_figures(ceilings["matmul_bf16_tflops"], ceilings["copy_tbps"]))
+    paths = tuple(args.paths.split(","))
+    result.update(model_figures(ceilings["matmul_bf16_tflops"], ceilings["copy_tbps"], paths))
     text = json.dumps(result, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

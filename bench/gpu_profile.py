@@ -37,7 +37,7 @@ CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ("RMSNorm", "Norm")),
     ("rope", ("Rotary", "Rope", "rope")),
     ("activation", ("act_and_mul", "silu", "Silu")),
-    ("attention_merge", ("MergeStates", "AttentionSum", "merge_kernel")),
+    ("attention_merge", ("MergeStates", "AttentionSum")),
     ("attention", ("Prefill", "Attention", "Attn", "fmha", "Decode")),
     ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "xmma", "cutlass", "splitK", "cublas")),
     ("kv_write_gather", ("index", "Index", "scatter", "gather", "embedding")),

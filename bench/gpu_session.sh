@@ -27,7 +27,7 @@ for step in "$@"; do
     serve) python3 -m bench.serve_bench --out "$OUT/serve_bench.json" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
     kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     attention) python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" 2>&1 | tee "$OUT/attention.log" ;;
-    model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" 2>&1 | tee "$OUT/model.log" ;;
+    model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -71,6 +71,7 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         model,
         cuda_graphs=config.cuda_graphs,
         max_graph_batch=config.max_graph_batch or config.max_running,
+        extend_backend=config.extend_attention,
     )
     return WorkerRuntime(
         config,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from computeworker.config import WorkerConfig, default_daemon_endpoint
+from computeworker.config import EXTEND_ATTENTION_CHOICES, WorkerConfig, default_daemon_endpoint
 
 if TYPE_CHECKING:
     from computeworker.runtime import WorkerRuntime
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run decodes inside prefill steps (default: on for CPU, off for CUDA, where separate prefill and "
         "decode steps are faster) [RADIXKV_MIXED_STEPS]",
     )
+    p.add_argument(
+        "--extend-attention",
+        choices=EXTEND_ATTENTION_CHOICES,
+        default=_env("EXTEND_ATTENTION", "auto"),
+        help="FlashInfer backend of the prefill CUDA graphs: auto (fa2 up to 128 new tokens, fa3 above, on "
+        "Hopper), fa2 or fa3 [RADIXKV_EXTEND_ATTENTION]",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[RADIXKV_LOG_LEVEL]")
     return p
 
@@ -125,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_graph_batch=args.max_graph_batch,
         log_steps=args.log_steps,
         mixed_steps=args.mixed_steps,
+        extend_attention=args.extend_attention,
     )
 
 

@@ -17,6 +17,10 @@ def default_daemon_endpoint() -> str:
     return f"ipc://{default_run_dir() / 'workers.sock'}"
 
 
+# The extend graphs' attention backends (computeworker.model.extend_graphs.BACKENDS).
+EXTEND_ATTENTION_CHOICES = ("auto", "fa2", "fa3")
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     daemon_endpoint: str
@@ -38,6 +42,7 @@ class WorkerConfig:
     max_graph_batch: int = 0  # largest captured decode batch; 0 = max_running
     log_steps: bool = False  # log every forward step's size and time (INFO)
     mixed_steps: bool | None = None  # decodes inside prefill steps; None: on for CPU, off for CUDA
+    extend_attention: str = "auto"  # FlashInfer backend of the extend graphs: auto, fa2 or fa3 (CUDA only)
 
     def __post_init__(self) -> None:
         if not self.daemon_endpoint.startswith(("ipc://", "tcp://", "inproc://")):
@@ -53,6 +58,10 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.random_weights and self.model_path is None:
             raise ValueError("--random-weights needs --model: a directory with the config.json to follow")
+        if self.extend_attention not in EXTEND_ATTENTION_CHOICES:
+            raise ValueError(
+                f"extend_attention must be one of {EXTEND_ATTENTION_CHOICES}, got {self.extend_attention!r}"
+            )
         if self.max_graph_batch < 0:
             raise ValueError("max_graph_batch must be >= 0")
         if self.threads < 0:

@@ -45,7 +45,7 @@ class CudaModelRunner:
 
     extend_batch_sizes / extend_token_buckets: the (sequences, padded new tokens) shapes captured for
     prefill steps; () for either turns extend graphs off. extend_backend: FlashInfer's prefill backend in
-    those graphs ("fa2" by default: it splits long KV across CTAs; see extend_graphs)."""
+    those graphs ("auto" by default: fa2 for the 128-token bucket, fa3 above it on Hopper; see extend_graphs)."""
 
     def __init__(
         self,

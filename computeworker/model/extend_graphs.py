@@ -23,9 +23,20 @@ is fixed by the buffers, and the first plan() fixes the largest total row count;
 to run() at capture has exactly that many rows. So each graph is planned first (and captured) with
 T_pad rows, and later plans with T <= T_pad rows reuse the same launch shape.
 
-Backend: "fa2" by default. fa3 gives each (sequence, KV head, 128-row tile) one CTA and never splits the
-KV, so 100 new tokens over a 10k prefix keep 32 of 132 SMs busy; fa2 packs a GQA group's query heads into
-one tile and splits long KV across CTAs, then merges the partial results (a second kernel).
+Backend: "auto" by default: fa2 for the 128-token bucket, fa3 for larger buckets on Hopper (fa2
+everywhere else). fa3 gives each (sequence, query head, 128-row tile) one CTA and never splits the KV;
+fa2 packs a GQA group's query heads into one tile and, in CUDA-graph mode, always splits the KV across
+CTAs and merges the partial results (a second kernel), but runs on mma.sync at about half fa3's rate.
+So fa2 wins only where fa3 has too few tiles to fill the GPU: few new tokens over a long prefix.
+Measured on an H100 (bench/extend_attention_bench.py, attention alone, 32 layers, ms fa2 / fa3):
+
+    100 over 10k 2.45 / 4.51    100 over 2k 1.00 / 1.06    4 x 25 over 2.5k 1.15 / 1.33   (bucket 128)
+    200 over 10k 4.52 / 4.48    200 over 2k 1.73 / 1.11    2 x 100 over 2k  1.61 / 1.07   (bucket 256)
+    400 over 10k 9.16 / 5.25    500 over 2k 3.49 / 1.31    4 x 128 over 2k  3.33 / 1.20   (bucket 512)
+
+(A third way, fa3 over prefix chunks plus the causal tail merged by log-sum-exp, cut 100 over 10k to
+1.93 ms on the GPU but its two plans cost 0.7-1.3 ms more host time per step than fa2's: a net loss,
+measured and removed; see bench/results/gpu_notes.md, run 23.)
 
 Split-KV and graphs: a replay runs the kernels, grid sizes and workspace offsets the capture-time plan
 chose; only the buffers plan() rewrites (indptrs, page ids, the work schedule in the int workspace, the
@@ -49,15 +60,24 @@ import torch
 from computeworker.model.attention_flashinfer import FlashInferAttention, qo_indptr_of
 from computeworker.model.batch import ForwardBatch
 from computeworker.model.cuda_graphs import ForwardFn, GraphAttention
-from computeworker.model.split_extend import SplitExtendAttention, SplitScratch
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_BUCKETS = (128, 256, 512)
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4)
-DEFAULT_BACKEND = "fa2"
-BACKENDS = ("fa2", "fa3", "fa3-split")
-DEFAULT_NUM_CHUNKS = 4
+DEFAULT_BACKEND = "auto"
+BACKENDS = ("auto", "fa2", "fa3")
+FA2_MAX_BUCKET = 128  # "auto": fa2 up to this many padded tokens, fa3 above (on sm90)
+
+
+def bucket_backend(backend: str, num_tokens: int, device: torch.device) -> str:
+    """The FlashInfer prefill backend of the graph for `num_tokens` padded tokens: `backend` itself, or
+    for "auto", fa2 up to FA2_MAX_BUCKET tokens and fa3 above on Hopper (fa2 elsewhere)."""
+    if backend != "auto":
+        return backend
+    if num_tokens <= FA2_MAX_BUCKET or torch.cuda.get_device_capability(device)[0] != 9:
+        return "fa2"
+    return "fa3"
 
 
 def pick_bucket(num_tokens: int, buckets: tuple[int, ...]) -> int | None:
@@ -89,9 +109,8 @@ class _Slot:
 
     batch_size: int
     num_tokens: int  # the bucket: rows the graph computes
-    wrapper: (
-        object  # flashinfer.BatchPrefillWithPagedKVCacheWrapper (CUDA-graph mode) or SplitExtendAttention
-    )
+    backend: str  # "fa2" or "fa3"
+    wrapper: object  # flashinfer.BatchPrefillWithPagedKVCacheWrapper (CUDA-graph mode)
     batch: ForwardBatch  # static inputs the graph reads
     kv_rows: torch.Tensor  # [num_tokens, 2] int64 rows of kv_layer.view(-1, heads, dim) receiving K and V
     out: torch.Tensor  # [num_tokens, heads, head_dim] the attention output buffer, shared by all layers
@@ -117,11 +136,9 @@ class ExtendGraphs:
         batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
         token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS,
         backend: str = DEFAULT_BACKEND,
-        num_chunks: int = DEFAULT_NUM_CHUNKS,
     ) -> None:
         """backend: FlashInfer's paged-prefill backend for these graphs, "fa2", "fa3" (sm90 only) or
-        "fa3-split" (sm90 only: fa3 over `num_chunks` prefix chunks plus the causal tail, merged; see
-        split_extend)."""
+        "auto" (per token bucket, see `bucket_backend`)."""
         import flashinfer
 
         if not batch_sizes or min(batch_sizes) < 1:
@@ -132,8 +149,6 @@ class ExtendGraphs:
             raise ValueError("max_pages_per_seq must be >= 1")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if num_chunks < 1:
-            raise ValueError("num_chunks must be >= 1")
         self._forward = forward
         self._attention = attention
         self.pool = pool
@@ -148,34 +163,19 @@ class ExtendGraphs:
         i32 = dict(dtype=torch.int32, device=device)
         self._slots: dict[tuple[int, int], _Slot] = {}
         with torch.inference_mode():
-            split_scratch = (
-                SplitScratch.allocate(attention, num_chunks, max(self.token_buckets))
-                if backend == "fa3-split"
-                else None
-            )
             for bs in self.batch_sizes:
                 for num_tokens in self.token_buckets:
-                    wrapper: object
-                    if split_scratch is not None:
-                        wrapper = SplitExtendAttention(
-                            attention,
-                            split_scratch,
-                            batch_size=bs,
-                            num_rows=num_tokens,
-                            num_chunks=num_chunks,
-                            max_pages_per_seq=max_pages_per_seq,
-                        )
-                    else:
-                        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                            attention.workspace,
-                            "NHD",
-                            backend=backend,
-                            use_cuda_graph=True,
-                            qo_indptr_buf=torch.zeros(bs + 1, **i32),
-                            paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
-                            paged_kv_indices_buf=torch.zeros(bs * max_pages_per_seq, **i32),
-                            paged_kv_last_page_len_buf=torch.zeros(bs, **i32),
-                        )
+                    slot_backend = bucket_backend(backend, num_tokens, device)
+                    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                        attention.workspace,
+                        "NHD",
+                        backend=slot_backend,
+                        use_cuda_graph=True,
+                        qo_indptr_buf=torch.zeros(bs + 1, **i32),
+                        paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
+                        paged_kv_indices_buf=torch.zeros(bs * max_pages_per_seq, **i32),
+                        paged_kv_last_page_len_buf=torch.zeros(bs, **i32),
+                    )
                     zeros = torch.zeros(num_tokens, dtype=torch.int64, device=device)
                     q_lens = (num_tokens - bs + 1,) + (1,) * (bs - 1)  # the capture-time layout
                     batch = ForwardBatch(
@@ -196,7 +196,7 @@ class ExtendGraphs:
                         dtype=attention.dtype,
                         device=device,
                     )
-                    slot = _Slot(bs, num_tokens, wrapper, batch, kv_rows, out)
+                    slot = _Slot(bs, num_tokens, slot_backend, wrapper, batch, kv_rows, out)
                     self._slots[(bs, num_tokens)] = slot
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -225,13 +225,13 @@ class ExtendGraphs:
             # Capture-time pages cycle through the scratch pool: reading repeats is harmless, and the
             # write rows (all zero here) only ever land in the scratch pool.
             page_ids = torch.arange(num_pages, dtype=torch.int32, device=self._attention.device) % num_scratch
-            s.qo_indptr.copy_(qo_indptr_of(s.q_lens))
-            self._plan(slot, s.q_lens, s.kv_lens, page_ids)
+            qo_indptr = qo_indptr_of(s.q_lens)
+            s.qo_indptr.copy_(qo_indptr)
+            self._plan(slot, qo_indptr, s.kv_lens, page_ids)
             slot.plan_key = _plan_key(slot.wrapper)
-            # fa2's kernel reads q through its row stride, and the split path copies q anyway: the q slice
-            # of the fused QKV output needs no copy of its own.
+            # fa2's kernel reads q through its row stride: the q slice of the fused QKV output needs no copy.
             attn = GraphAttention(
-                slot.wrapper, slot.kv_rows, self.shape, strided_q=self.backend != "fa3", out=slot.out
+                slot.wrapper, slot.kv_rows, self.shape, strided_q=slot.backend == "fa2", out=slot.out
             )
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -266,7 +266,7 @@ class ExtendGraphs:
         slot = self._slots[(n, bucket)]
         if slot.graph is None or slot.logits is None:
             raise ValueError("capture() first")
-        self._plan(slot, batch.q_lens, batch.kv_lens, batch.kv_page_ids)
+        self._plan(slot, qo_indptr_of(batch.q_lens), batch.kv_lens, batch.kv_page_ids)
         if _plan_key(slot.wrapper) != slot.plan_key:
             self.num_plan_mismatches += 1
             if self.num_plan_mismatches == 1:
@@ -294,19 +294,13 @@ class ExtendGraphs:
         return slot.logits
 
     def _plan(
-        self, slot: _Slot, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor
+        self, slot: _Slot, qo_indptr: torch.Tensor, kv_lens: tuple[int, ...], page_ids: torch.Tensor
     ) -> None:
-        page_ids = page_ids.to(torch.int32)
-        if isinstance(slot.wrapper, SplitExtendAttention):
-            slot.wrapper.plan(q_lens, kv_lens, page_ids)
-        else:
-            self._attention.plan_prefill(slot.wrapper, qo_indptr_of(q_lens), kv_lens, page_ids)
+        self._attention.plan_prefill(slot.wrapper, qo_indptr, kv_lens, page_ids.to(torch.int32))
 
 
 def _plan_key(wrapper: object) -> tuple[int, ...]:
     """The launch record of the wrapper's last plan (FlashInfer's PrefillPlanInfo as integers: padded grid,
     tile size, split-KV flag, workspace offsets). A graph replay is valid only while it equals the
     capture's. Read from a private attribute: FlashInfer exposes no public view of the plan's decision."""
-    if isinstance(wrapper, SplitExtendAttention):
-        return wrapper.launch_key
     return tuple(int(x) for x in wrapper._plan_info)  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
-"""Extend graphs with split-KV attention: one captured graph (bucket 128) replayed for a short prefix
-(one KV chunk per tile) and a 10,000-token prefix (KV split across CTAs, partial results merged), each
-against float64 attention over the pool. Attention only (no model around it), so the comparison is exact
+"""Extend graphs: captured graphs (buckets 128 and 256) replayed for short prefixes and a 10,000-token
+prefix (on fa2: KV split across CTAs, partial results merged), each against float64 attention over the
+pool, on fa2, fa3 and "auto" (fa2 for bucket 128, fa3 for 256). Attention only (no model around it), so the comparison is exact
 up to bf16 operands, with no argmax ties to blur it."""
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ LONG = 10_000
 
 
 class AttentionOnly:
-    """A one-layer stand-in for the model: attention of static q/k/v buffers ([BUCKET] rows, the graph
+    """A one-layer stand-in for the model: attention of static q/k/v buffers ([2 * BUCKET] rows, the graph
     reads whatever the test wrote into them before a replay). Returns the attention output."""
 
     def __init__(self) -> None:
-        self.q = torch.zeros((BUCKET, HEADS, DIM), dtype=torch.bfloat16, device="cuda")
-        self.k = torch.zeros((BUCKET, KV_HEADS, DIM), dtype=torch.bfloat16, device="cuda")
-        self.v = torch.zeros((BUCKET, KV_HEADS, DIM), dtype=torch.bfloat16, device="cuda")
+        rows = 2 * BUCKET
+        self.q = torch.zeros((rows, HEADS, DIM), dtype=torch.bfloat16, device="cuda")
+        self.k = torch.zeros((rows, KV_HEADS, DIM), dtype=torch.bfloat16, device="cuda")
+        self.v = torch.zeros((rows, KV_HEADS, DIM), dtype=torch.bfloat16, device="cuda")
 
     def __call__(
         self, batch: ForwardBatch, kv_pool: torch.Tensor, attention: object, all_logits: bool
@@ -36,9 +37,9 @@ class AttentionOnly:
         return attention.forward(0, self.q[:n], self.k[:n], self.v[:n], kv_pool[0])  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("backend", ["fa2", "fa3", "fa3-split"])
+@pytest.mark.parametrize("backend", ["fa2", "fa3", "auto"])
 def test_one_graph_serves_short_and_long_prefixes(backend: str) -> None:
-    if backend.startswith("fa3") and torch.cuda.get_device_capability()[0] != 9:
+    if backend != "fa2" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("fa3 needs sm90")
     gen = torch.Generator(device="cuda").manual_seed(8)
     attn = FlashInferAttention(AttentionShape(HEADS, KV_HEADS, DIM, PAGE), device="cuda")
@@ -52,7 +53,7 @@ def test_one_graph_serves_short_and_long_prefixes(backend: str) -> None:
         pool,
         max_pages_per_seq=NUM_PAGES,
         batch_sizes=(1, 2),
-        token_buckets=(BUCKET,),
+        token_buckets=(BUCKET, 2 * BUCKET),  # "auto": fa2 for the first, fa3 for the second
         backend=backend,
     )
     graphs.capture(scratch)
@@ -66,6 +67,8 @@ def test_one_graph_serves_short_and_long_prefixes(backend: str) -> None:
         [(0, BUCKET)],
         [(LONG, 100), (37, 20)],
         [(3, 7), (LONG + 100, 90)],
+        [(LONG, 2 * BUCKET - 20)],
+        [(100, 150), (LONG - 300, 60)],
     ]
     for step in steps:
         chunks = [

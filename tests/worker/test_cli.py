@@ -29,6 +29,23 @@ def test_flags_and_env_build_the_config(monkeypatch: pytest.MonkeyPatch) -> None
         "cpu",
         "float16",
     )
+    assert config.extend_attention == "auto"
+    monkeypatch.setenv("RADIXKV_EXTEND_ATTENTION", "fa2")
+    assert config_from_args(build_parser().parse_args([])).extend_attention == "fa2"
+    assert (
+        config_from_args(build_parser().parse_args(["--extend-attention", "fa3"])).extend_attention == "fa3"
+    )
+
+
+def test_extend_attention_must_be_a_known_backend() -> None:
+    from computeworker.config import EXTEND_ATTENTION_CHOICES
+    from computeworker.model.extend_graphs import BACKENDS
+
+    assert EXTEND_ATTENTION_CHOICES == BACKENDS
+    with pytest.raises(ValueError, match="extend_attention must be one of"):
+        WorkerConfig(daemon_endpoint="ipc:///tmp/x", extend_attention="fa4")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--extend-attention", "fa4"])
 
 
 @pytest.mark.parametrize(
