@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.replay import BeladyPolicy, infinite_hit_rate, load_trace, replay
 from bench.traces import MultiturnConfig, TraceConfig, generate, generate_multiturn
+from bench.traces_revisit import RevisitConfig, generate_revisit
 from cachemgr.cache import POLICIES
 
 # Four different kinds of traffic (not one generator setting). "held-out" was never used to choose or
@@ -30,11 +31,18 @@ SETTINGS = {
 # back after every other client's, so a conversation's reuse distance exceeds the cache. Half as many
 # sessions as the other families keeps the live working set a similar share of the distinct blocks.
 MULTITURN_SETTINGS = {"multiturn": {"sessions_scale": 0.5}}
+# Conversations that come back at random (bench.traces_revisit): recency is the only signal, so a policy
+# that keeps older conversations over new ones can only lose; here to bound that loss. Five requests per
+# session of the other families.
+REVISIT_SETTINGS = {"revisit": {"requests_per_session": 5}}
 CAPACITY_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)  # of the trace's distinct blocks
 
 
 def trace_rows(name: str, sessions: int, seed: int) -> list[dict[str, object]]:
     """The requests of family ``name`` (a key of SETTINGS or MULTITURN_SETTINGS)."""
+    if name in REVISIT_SETTINGS:
+        per = REVISIT_SETTINGS[name]["requests_per_session"]
+        return generate_revisit(RevisitConfig(requests=sessions * per, seed=seed))
     if name in MULTITURN_SETTINGS:
         scale = MULTITURN_SETTINGS[name]["sessions_scale"]
         return generate_multiturn(MultiturnConfig(sessions=max(1, round(sessions * scale)), seed=seed))
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs, meta = [], {}
-    for name, overrides in {**SETTINGS, **MULTITURN_SETTINGS}.items():
+    for name, overrides in {**SETTINGS, **MULTITURN_SETTINGS, **REVISIT_SETTINGS}.items():
         path = out_dir / f"replay_trace_{name}.jsonl.tmp"
         rows = trace_rows(name, args.sessions, args.seed)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

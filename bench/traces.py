@@ -21,6 +21,10 @@ come back only after every other client has had a turn, so a session's reuse dis
 
     python -m bench.traces --out trace.jsonl [--sessions 2000] [--seed 0] [--agent-share 0.3] ...
     python -m bench.traces --family multiturn --out trace.jsonl [--clients 256] [--rounds 5] ...
+    python -m bench.traces --family revisit --out trace.jsonl [--requests 6000] [--revisit-prob 0.7] ...
+
+The ``revisit`` family (bench.traces_revisit) brings conversations back at random, with no session
+structure: the regime where holding on to older conversations can only cost hits.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from bench.traces_revisit import RevisitConfig, generate_revisit
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +238,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True)
-    parser.add_argument("--family", choices=("generic", "multiturn"), default="generic")
+    parser.add_argument("--family", choices=("generic", "multiturn", "revisit"), default="generic")
     family = parser.parse_known_args(argv)[0].family
-    config_cls = MultiturnConfig if family == "multiturn" else TraceConfig
+    config_cls = {"multiturn": MultiturnConfig, "revisit": RevisitConfig}.get(family, TraceConfig)
     for name, field in config_cls.__dataclass_fields__.items():
         if isinstance(field.default, (int, float)) and not isinstance(field.default, bool):
             parser.add_argument(
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     args.pop("family")
     if family == "multiturn":
         rows = generate_multiturn(MultiturnConfig(**args))
+    elif family == "revisit":
+        rows = generate_revisit(RevisitConfig(**args))
     else:
         rows = generate(TraceConfig(**args))
     with open(out, "w") as f:

@@ -85,7 +85,10 @@ class GhostPolicy(EvictionPolicy):
 
     Each step moves the demotion by ``step`` times the moving average of ghost gaps (the reuse distance
     that matters), and it stays within [0, max_scale * that average], so abandoned conversations still
-    age out. Demoting every newcomer would freeze the kept set, so every ``admit_every``-th branch leaf
+    age out. max_scale is 0.5: where conversations come back at random (bench.traces_revisit, every live
+    one as likely as any other) the thrashing signal still fires and demotion only costs hits; capped at
+    2x the mean gap ghost lost up to 2.1 points to LRU there, at 0.5x at most 0.9, for about half its gain
+    at small capacities (bench/results/replay_hit_rate.md). Demoting every newcomer would freeze the kept set, so every ``admit_every``-th branch leaf
     pushed is ranked as protected instead, but only while few evictions (moving average below
     ``admit_below``) have to take protected leaves, i.e. while the kept set has room. Deterministic (a
     counter, no hashing or randomness); O(1) per hook besides the heap.
@@ -94,7 +97,7 @@ class GhostPolicy(EvictionPolicy):
     name = "ghost"
 
     def __init__(
-        self, step: float = 0.02, max_scale: float = 2.0, admit_every: int = 8, admit_below: float = 0.1
+        self, step: float = 0.02, max_scale: float = 0.5, admit_every: int = 8, admit_below: float = 0.1
     ) -> None:
         if not (step > 0.0 and max_scale >= 0.0 and admit_every >= 1 and 0.0 <= admit_below <= 1.0):
             raise ValueError("need step > 0, max_scale >= 0, admit_every >= 1, 0 <= admit_below <= 1")

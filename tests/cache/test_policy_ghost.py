@@ -50,7 +50,7 @@ def test_with_no_ghost_hit_it_is_lru() -> None:
 
 
 def test_protected_ghost_hit_demotes_newcomers_below_a_kept_conversation() -> None:
-    policy = GhostPolicy(step=1.0)
+    policy = GhostPolicy(step=1.0, max_scale=2.0)
     cache = PrefixCache(8, page_size=1, policy=policy)
     build(cache)
     put(cache, [1, 10, 11, 12])  # clock 9: misses [11], a protected ghost last used at 6: gap 3
@@ -74,6 +74,14 @@ def test_lru_on_the_same_requests_keeps_the_newcomer() -> None:
     put(cache, [1, 40])
     assert cache.evict(2) == 2
     assert [cached_len(cache, t) for t in ([1, 30], [1, 10, 11, 12], [1, 40])] == [1, 3, 2]
+
+
+def test_demotion_is_capped_at_max_scale_times_the_mean_gap() -> None:
+    policy = GhostPolicy(step=1.0)  # default max_scale 0.5
+    cache = PrefixCache(8, page_size=1, policy=policy)
+    build(cache)
+    put(cache, [1, 10, 11, 12])  # the same protected ghost hit, gap 3: one step would be 3
+    assert policy.demotion == 1.5
 
 
 def test_ghost_record_is_bounded_by_the_pool() -> None:
