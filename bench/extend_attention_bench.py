@@ -8,6 +8,7 @@ layer calls are captured in one CUDA graph; the figure is the replay's median (d
 
     fa2          FlashInfer's fa2 paged prefill (mma.sync, splits long KV itself, plus its merge kernel)
     fa3          FlashInfer's fa3 paged prefill (wgmma, one CTA per query tile and head, no KV split)
+
 The extend graphs' "auto" backend takes fa2 for the 128-token bucket and fa3 above it from these
 figures. (Commit 33a8289 also measured fa3 over prefix chunks merged by log-sum-exp, `fa3-split-C`.)
 
@@ -49,7 +50,7 @@ CASES = {  # name: (new tokens per sequence, cached prefix per sequence, sequenc
 }
 
 
-class Fa:
+class GraphModePrefill:
     """One FlashInfer graph-mode wrapper for the whole call (fa2 or fa3)."""
 
     def __init__(self, attention: FlashInferAttention, backend: str, bs: int, max_pages: int) -> None:
@@ -123,7 +124,7 @@ def run_case(
     result: dict[str, Any] = {"q_lens": q_lens, "kv_lens": kv_lens, "rows": rows}
     max_pages_per_seq = seq_pages + 4
     for variant in variants:
-        impl = Fa(attention, variant, bs, bs * max_pages_per_seq)
+        impl = GraphModePrefill(attention, variant, bs, bs * max_pages_per_seq)
         out = torch.zeros((rows, s.num_qo_heads, s.head_dim), dtype=torch.bfloat16, device="cuda")
         # As the extend graphs do: plan the capture layout (all rows in sequence 0, no prefix), run once
         # eagerly, capture, then plan the real step (the launch record must match) and replay.
