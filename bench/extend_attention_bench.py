@@ -33,6 +33,7 @@ import torch
 
 from bench.gpu_timing import run_metadata, time_ms
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention, qo_indptr_of
+from computeworker.model.extend_graphs import graph_prefill_wrapper, plan_launch_key
 
 SHAPE = AttentionShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
 NUM_LAYERS = 32
@@ -54,24 +55,12 @@ class GraphModePrefill:
     """One FlashInfer graph-mode wrapper for the whole call (fa2 or fa3)."""
 
     def __init__(self, attention: FlashInferAttention, backend: str, bs: int, max_pages: int) -> None:
-        import flashinfer
-
-        i32 = dict(dtype=torch.int32, device="cuda")
         self.attention = attention
-        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            attention.workspace,
-            "NHD",
-            backend=backend,
-            use_cuda_graph=True,
-            qo_indptr_buf=torch.zeros(bs + 1, **i32),
-            paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
-            paged_kv_indices_buf=torch.zeros(max_pages, **i32),
-            paged_kv_last_page_len_buf=torch.zeros(bs, **i32),
-        )
+        self.wrapper = graph_prefill_wrapper(attention, backend, bs, max_pages)
 
     @property
     def launch_key(self) -> tuple[int, ...]:
-        return tuple(int(x) for x in self.wrapper._plan_info)
+        return plan_launch_key(self.wrapper)
 
     def plan(self, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor) -> None:
         self.attention.plan_prefill(self.wrapper, qo_indptr_of(q_lens), kv_lens, page_ids)

@@ -88,10 +88,10 @@ class GhostPolicy(EvictionPolicy):
     age out. max_scale is 0.5: where conversations come back at random (bench.traces_revisit, every live
     one as likely as any other) the thrashing signal still fires and demotion only costs hits; capped at
     2x the mean gap ghost lost up to 2.1 points to LRU there, at 0.5x at most 0.9, for about half its gain
-    at small capacities (bench/results/replay_hit_rate.md). Demoting every newcomer would freeze the kept set, so every ``admit_every``-th branch leaf
-    pushed is ranked as protected instead, but only while few evictions (moving average below
-    ``admit_below``) have to take protected leaves, i.e. while the kept set has room. Deterministic (a
-    counter, no hashing or randomness); O(1) per hook besides the heap.
+    at small capacities (bench/results/replay_hit_rate.md). Demoting every newcomer would freeze the kept
+    set, so every ``admit_every``-th branch leaf pushed is ranked as protected instead, but only while few
+    evictions (moving average below ``admit_below``) have to take protected leaves, i.e. while the kept
+    set has room. Deterministic (a counter, no hashing or randomness); O(1) per hook besides the heap.
     """
 
     name = "ghost"

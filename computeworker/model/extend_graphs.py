@@ -70,6 +70,26 @@ BACKENDS = ("auto", "fa2", "fa3")
 FA2_MAX_BUCKET = 128  # "auto": fa2 up to this many padded tokens, fa3 above (on sm90)
 
 
+def graph_prefill_wrapper(
+    attention: FlashInferAttention, backend: str, batch_size: int, max_pages: int
+) -> object:
+    """A FlashInfer paged-prefill wrapper in CUDA-graph mode on `attention`'s workspace: fixed buffers for
+    `batch_size` sequences and at most `max_pages` pages in all."""
+    import flashinfer
+
+    i32 = dict(dtype=torch.int32, device=attention.device)
+    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        attention.workspace,
+        "NHD",
+        backend=backend,
+        use_cuda_graph=True,
+        qo_indptr_buf=torch.zeros(batch_size + 1, **i32),
+        paged_kv_indptr_buf=torch.zeros(batch_size + 1, **i32),
+        paged_kv_indices_buf=torch.zeros(max_pages, **i32),
+        paged_kv_last_page_len_buf=torch.zeros(batch_size, **i32),
+    )
+
+
 def bucket_backend(backend: str, num_tokens: int, device: torch.device) -> str:
     """The FlashInfer prefill backend of the graph for `num_tokens` padded tokens: `backend` itself, or
     for "auto", fa2 up to FA2_MAX_BUCKET tokens and fa3 above on Hopper (fa2 elsewhere)."""
@@ -139,8 +159,6 @@ class ExtendGraphs:
     ) -> None:
         """backend: FlashInfer's paged-prefill backend for these graphs, "fa2", "fa3" (sm90 only) or
         "auto" (per token bucket, see `bucket_backend`)."""
-        import flashinfer
-
         if not batch_sizes or min(batch_sizes) < 1:
             raise ValueError(f"batch sizes must be positive, got {batch_sizes}")
         if not token_buckets or min(token_buckets) < max(batch_sizes):
@@ -166,16 +184,7 @@ class ExtendGraphs:
             for bs in self.batch_sizes:
                 for num_tokens in self.token_buckets:
                     slot_backend = bucket_backend(backend, num_tokens, device)
-                    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                        attention.workspace,
-                        "NHD",
-                        backend=slot_backend,
-                        use_cuda_graph=True,
-                        qo_indptr_buf=torch.zeros(bs + 1, **i32),
-                        paged_kv_indptr_buf=torch.zeros(bs + 1, **i32),
-                        paged_kv_indices_buf=torch.zeros(bs * max_pages_per_seq, **i32),
-                        paged_kv_last_page_len_buf=torch.zeros(bs, **i32),
-                    )
+                    wrapper = graph_prefill_wrapper(attention, slot_backend, bs, bs * max_pages_per_seq)
                     zeros = torch.zeros(num_tokens, dtype=torch.int64, device=device)
                     q_lens = (num_tokens - bs + 1,) + (1,) * (bs - 1)  # the capture-time layout
                     batch = ForwardBatch(
@@ -228,7 +237,7 @@ class ExtendGraphs:
             qo_indptr = qo_indptr_of(s.q_lens)
             s.qo_indptr.copy_(qo_indptr)
             self._plan(slot, qo_indptr, s.kv_lens, page_ids)
-            slot.plan_key = _plan_key(slot.wrapper)
+            slot.plan_key = plan_launch_key(slot.wrapper)
             # fa2's kernel reads q through its row stride: the q slice of the fused QKV output needs no copy.
             attn = GraphAttention(
                 slot.wrapper, slot.kv_rows, self.shape, strided_q=slot.backend == "fa2", out=slot.out
@@ -267,14 +276,14 @@ class ExtendGraphs:
         if slot.graph is None or slot.logits is None:
             raise ValueError("capture() first")
         self._plan(slot, qo_indptr_of(batch.q_lens), batch.kv_lens, batch.kv_page_ids)
-        if _plan_key(slot.wrapper) != slot.plan_key:
+        if plan_launch_key(slot.wrapper) != slot.plan_key:
             self.num_plan_mismatches += 1
             if self.num_plan_mismatches == 1:
                 log.warning(
                     "extend graph (%d seqs, %d tokens): FlashInfer planned %s, captured %s; running eagerly",
                     n,
                     bucket,
-                    _plan_key(slot.wrapper),
+                    plan_launch_key(slot.wrapper),
                     slot.plan_key,
                 )
             return None
@@ -299,7 +308,7 @@ class ExtendGraphs:
         self._attention.plan_prefill(slot.wrapper, qo_indptr, kv_lens, page_ids.to(torch.int32))
 
 
-def _plan_key(wrapper: object) -> tuple[int, ...]:
+def plan_launch_key(wrapper: object) -> tuple[int, ...]:
     """The launch record of the wrapper's last plan (FlashInfer's PrefillPlanInfo as integers: padded grid,
     tile size, split-KV flag, workspace offsets). A graph replay is valid only while it equals the
     capture's. Read from a private attribute: FlashInfer exposes no public view of the plan's decision."""
