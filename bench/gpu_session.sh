@@ -5,6 +5,7 @@
 #   SERVE_ARGS="--clients 64" bash bench/gpu_session.sh serve     (bench/serve_bench.py, full stack)
 #   TEST_PATHS="tests/gpu/test_extend_split.py" bash bench/gpu_session.sh tests profile   (some tests; the
 #   cached step's per-kernel profile, bench/gpu_profile.py)
+#   ATTN_ARGS="--variants fa2 triton" bash bench/gpu_session.sh attention   (bench/extend_attention_bench.py)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -26,7 +27,7 @@ for step in "$@"; do
     profile) python3 bench/gpu_profile.py --out "$OUT/gpu_profile.json" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" ;;
     serve) python3 -m bench.serve_bench --out "$OUT/serve_bench.json" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
     kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
-    attention) python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" 2>&1 | tee "$OUT/attention.log" ;;
+    attention) python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
     model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
