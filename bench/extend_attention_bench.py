@@ -1,4 +1,4 @@
-"""Attention of a small prefill over a cached prefix, alone: fa2, fa3 and the Triton kernel per shape.
+"""Attention of a small prefill over a cached prefix, alone: FlashInfer's fa2 against fa3 per shape.
 
     PYTHONPATH=. python3 bench/extend_attention_bench.py --out $OUT/extend_attention.json
 
@@ -8,12 +8,10 @@ layer calls are captured in one CUDA graph; the figure is the replay's median (d
 
     fa2          FlashInfer's fa2 paged prefill (mma.sync, splits long KV itself, plus its merge kernel)
     fa3          FlashInfer's fa3 paged prefill (wgmma, one CTA per query tile and head, no KV split)
-    triton       computeworker/model/attention_triton.py: split-KV on the GPU, no host plan beyond a
-                 table copy (`triton:T,N,S,W,P` picks tokens per tile, keys per step, splits, warps,
-                 pipeline stages)
 
 The extend graphs' "auto" backend takes fa2 for the 128-token bucket and fa3 above it from these
-figures. (Commit 33a8289 also measured fa3 over prefix chunks merged by log-sum-exp, `fa3-split-C`.)
+figures. (Commit 33a8289 also measured fa3 over prefix chunks merged by log-sum-exp, `fa3-split-C`,
+and commit 260cb31 a Triton split-KV kernel, `triton:T,N,S,W,P`; both removed after their runs.)
 
 Also per variant: the host time of plan(), whether a plan for other lengths keeps the capture's launch
 record (the graphs need it), a cProfile of plan() (first case), and the error of the last layer's
@@ -36,7 +34,6 @@ import torch
 
 from bench.gpu_timing import run_metadata, time_ms
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention, qo_indptr_of
-from computeworker.model.attention_triton import TritonPrefillConfig
 from computeworker.model.extend_graphs import graph_prefill_wrapper, plan_launch_key
 
 SHAPE = AttentionShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
@@ -56,17 +53,11 @@ CASES = {  # name: (new tokens per sequence, cached prefix per sequence, sequenc
 
 
 class GraphModePrefill:
-    """One graph-mode wrapper for the whole call (fa2, fa3 or Triton)."""
+    """One FlashInfer graph-mode wrapper for the whole call (fa2 or fa3)."""
 
-    def __init__(
-        self, attention: FlashInferAttention, backend: str, bs: int, max_pages: int, max_tokens: int
-    ) -> None:
+    def __init__(self, attention: FlashInferAttention, backend: str, bs: int, max_pages: int) -> None:
         self.attention = attention
-        config = None
-        if backend.startswith("triton:"):  # triton:BLOCK_T,BLOCK_N,SPLITS,WARPS,STAGES
-            config = TritonPrefillConfig(*(int(x) for x in backend.split(":")[1].split(",")))
-            backend = "triton"
-        self.wrapper = graph_prefill_wrapper(attention, backend, bs, max_pages, max_tokens, config)
+        self.wrapper = graph_prefill_wrapper(attention, backend, bs, max_pages)
 
     @property
     def launch_key(self) -> tuple[int, ...]:
@@ -123,7 +114,7 @@ def run_case(
     result: dict[str, Any] = {"q_lens": q_lens, "kv_lens": kv_lens, "rows": rows}
     max_pages_per_seq = seq_pages + 4
     for variant in variants:
-        impl = GraphModePrefill(attention, variant, bs, bs * max_pages_per_seq, rows)
+        impl = GraphModePrefill(attention, variant, bs, bs * max_pages_per_seq)
         out = torch.zeros((rows, s.num_qo_heads, s.head_dim), dtype=torch.bfloat16, device="cuda")
         # As the extend graphs do: plan the capture layout (all rows in sequence 0, no prefix), run once
         # eagerly, capture, then plan the real step (the launch record must match) and replay.
@@ -180,12 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument(
-        "--variants",
-        nargs="*",
-        default=["fa2", "fa3", "triton"],
-        help="fa2, fa3, triton (default launch shape) or triton:BLOCK_T,BLOCK_N,SPLITS,WARPS,STAGES",
-    )
+    parser.add_argument("--variants", nargs="*", default=["fa2", "fa3"], choices=["fa2", "fa3"])
     args = parser.parse_args()
     attention = FlashInferAttention(SHAPE, device="cuda", prefill_backend="fa2")
     report: dict[str, Any] = {"meta": run_metadata(), "cases": {}}

@@ -5,7 +5,7 @@
 #   SERVE_ARGS="--clients 64" bash bench/gpu_session.sh serve     (bench/serve_bench.py, full stack)
 #   TEST_PATHS="tests/gpu/test_extend_split.py" bash bench/gpu_session.sh tests profile   (some tests; the
 #   cached step's per-kernel profile, bench/gpu_profile.py)
-#   ATTN_ARGS="--variants fa2 triton" bash bench/gpu_session.sh attention   (bench/extend_attention_bench.py)
+#   ATTN_ARGS="--cases 1x100_over_10k" bash bench/gpu_session.sh attention   (bench/extend_attention_bench.py)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1

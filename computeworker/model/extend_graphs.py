@@ -36,7 +36,8 @@ Measured on an H100 (bench/extend_attention_bench.py, attention alone, 32 layers
 
 (A third way, fa3 over prefix chunks plus the causal tail merged by log-sum-exp, cut 100 over 10k to
 1.93 ms on the GPU but its two plans cost 0.7-1.3 ms more host time per step than fa2's: a net loss,
-measured and removed; see bench/results/gpu_notes.md, run 23.)
+measured and removed; see bench/results/gpu_notes.md, run 23. A fourth, a Triton split-KV kernel that
+needs no host plan (commit 260cb31, run 27), was correct but slower: 100 over 10k 2.70 ms at best.)
 
 Split-KV and graphs: a replay runs the kernels, grid sizes and workspace offsets the capture-time plan
 chose; only the buffers plan() rewrites (indptrs, page ids, the work schedule in the int workspace, the
@@ -58,7 +59,6 @@ from dataclasses import dataclass
 import torch
 
 from computeworker.model.attention_flashinfer import FlashInferAttention, qo_indptr_of
-from computeworker.model.attention_triton import TritonPagedPrefill, TritonPrefillConfig
 from computeworker.model.batch import ForwardBatch
 from computeworker.model.cuda_graphs import ForwardFn, GraphAttention
 
@@ -67,35 +67,15 @@ log = logging.getLogger(__name__)
 DEFAULT_TOKEN_BUCKETS = (128, 256, 512)
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4)
 DEFAULT_BACKEND = "auto"
-BACKENDS = ("auto", "fa2", "fa3", "triton")
+BACKENDS = ("auto", "fa2", "fa3")
 FA2_MAX_BUCKET = 128  # "auto": fa2 up to this many padded tokens, fa3 above (on sm90)
 
 
 def graph_prefill_wrapper(
-    attention: FlashInferAttention,
-    backend: str,
-    batch_size: int,
-    max_pages: int,
-    max_tokens: int,
-    triton_config: TritonPrefillConfig | None = None,
+    attention: FlashInferAttention, backend: str, batch_size: int, max_pages: int
 ) -> object:
-    """A paged-prefill wrapper in CUDA-graph mode: FlashInfer's ("fa2", "fa3", on `attention`'s
-    workspace) or the Triton split-KV kernel ("triton"), with fixed buffers for `batch_size` sequences,
-    at most `max_pages` pages and `max_tokens` new tokens in all."""
-    if backend == "triton":
-        s = attention.shape
-        return TritonPagedPrefill(
-            num_qo_heads=s.num_qo_heads,
-            num_kv_heads=s.num_kv_heads,
-            head_dim=s.head_dim,
-            page_size=s.page_size,
-            max_seqs=batch_size,
-            max_tokens=max_tokens,
-            max_pages=max_pages,
-            device=attention.device,
-            dtype=attention.dtype,
-            config=triton_config,
-        )
+    """A FlashInfer paged-prefill wrapper in CUDA-graph mode on `attention`'s workspace: fixed buffers for
+    `batch_size` sequences and at most `max_pages` pages in all."""
     import flashinfer
 
     i32 = dict(dtype=torch.int32, device=attention.device)
@@ -150,8 +130,8 @@ class _Slot:
 
     batch_size: int
     num_tokens: int  # the bucket: rows the graph computes
-    backend: str  # "fa2", "fa3" or "triton"
-    wrapper: object  # a CUDA-graph-mode prefill wrapper (graph_prefill_wrapper)
+    backend: str  # "fa2" or "fa3"
+    wrapper: object  # flashinfer.BatchPrefillWithPagedKVCacheWrapper (CUDA-graph mode)
     batch: ForwardBatch  # static inputs the graph reads
     kv_rows: torch.Tensor  # [num_tokens, 2] int64 rows of kv_layer.view(-1, heads, dim) receiving K and V
     out: torch.Tensor  # [num_tokens, heads, head_dim] the attention output buffer, shared by all layers
@@ -205,9 +185,7 @@ class ExtendGraphs:
             for bs in self.batch_sizes:
                 for num_tokens in self.token_buckets:
                     slot_backend = bucket_backend(backend, num_tokens, device)
-                    wrapper = graph_prefill_wrapper(
-                        attention, slot_backend, bs, bs * max_pages_per_seq, num_tokens
-                    )
+                    wrapper = graph_prefill_wrapper(attention, slot_backend, bs, bs * max_pages_per_seq)
                     zeros = torch.zeros(num_tokens, dtype=torch.int64, device=device)
                     q_lens = (num_tokens - bs + 1,) + (1,) * (bs - 1)  # the capture-time layout
                     batch = ForwardBatch(
@@ -263,7 +241,7 @@ class ExtendGraphs:
             slot.plan_key = plan_launch_key(slot.wrapper)
             # fa2's kernel reads q through its row stride: the q slice of the fused QKV output needs no copy.
             attn = GraphAttention(
-                slot.wrapper, slot.kv_rows, self.shape, strided_q=slot.backend != "fa3", out=slot.out
+                slot.wrapper, slot.kv_rows, self.shape, strided_q=slot.backend == "fa2", out=slot.out
             )
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -334,8 +312,5 @@ class ExtendGraphs:
 def plan_launch_key(wrapper: object) -> tuple[int, ...]:
     """The launch record of the wrapper's last plan (FlashInfer's PrefillPlanInfo as integers: padded grid,
     tile size, split-KV flag, workspace offsets). A graph replay is valid only while it equals the
-    capture's. Read from a private attribute: FlashInfer exposes no public view of the plan's decision.
-    The Triton wrapper's is fixed at construction."""
-    if isinstance(wrapper, TritonPagedPrefill):
-        return wrapper.launch_key
+    capture's. Read from a private attribute: FlashInfer exposes no public view of the plan's decision."""
     return tuple(int(x) for x in wrapper._plan_info)  # type: ignore[attr-defined]
