@@ -51,13 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=_env("DTYPE", "auto"), help="auto|float32|float16|bfloat16 [RADIXKV_DTYPE]"
     )
     p.add_argument(
-        "--max-running", type=int, default=int(_env("MAX_RUNNING", "16") or 16), help="[RADIXKV_MAX_RUNNING]"
+        "--max-running",
+        type=int,
+        default=int(_env("MAX_RUNNING", "0") or 0),
+        help="requests batched at once; 0 = by device: 16 on CPU, 128 on CUDA [RADIXKV_MAX_RUNNING]",
     )
     p.add_argument(
         "--prefill-chunk",
         type=int,
-        default=int(_env("PREFILL_CHUNK", "512") or 512),
-        help="prompt tokens per step [RADIXKV_PREFILL_CHUNK]",
+        default=int(_env("PREFILL_CHUNK", "0") or 0),
+        help="prompt tokens per step; 0 = by device: 512 on CPU, 8192 on CUDA [RADIXKV_PREFILL_CHUNK]",
     )
     p.add_argument(
         "--threads",

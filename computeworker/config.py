@@ -20,6 +20,13 @@ def default_daemon_endpoint() -> str:
 # The extend graphs' attention backends (computeworker.model.extend_graphs.BACKENDS).
 EXTEND_ATTENTION_CHOICES = ("auto", "fa2", "fa3")
 
+# Batch limits when left at 0 ("by device"): (max_running, prefill_chunk). A CPU worker computes one
+# request's chunk at a time at a few hundred tokens/s; a GPU step is weight-read bound below ~100 rows,
+# so batches and chunks are large (SGLang's chunked-prefill default on 80 GB cards is 8192 as well).
+# Chunks of 4k-16k tokens served the multi-turn bench equally (H200, bench/results/gpu_notes.md run 28);
+# 2k cost ~5%; the smaller chunk bounds activation memory and the time decodes wait behind a prefill.
+DEVICE_DEFAULTS = {"cpu": (16, 512), "cuda": (128, 8192)}
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
@@ -27,8 +34,8 @@ class WorkerConfig:
     model_path: Path | None = None  # None: the embedded default model
     device: str = "cpu"  # "cpu" or "cuda:N"
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "float16", "bfloat16"
-    max_running: int = 16
-    prefill_chunk: int = 512
+    max_running: int = 0  # requests batched at once; 0 = by device (DEVICE_DEFAULTS)
+    prefill_chunk: int = 0  # prompt tokens per step; 0 = by device (DEVICE_DEFAULTS)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     name: str = ""
     welcome_timeout_s: float = 2.0  # no Welcome within this: reconnect
@@ -53,9 +60,15 @@ class WorkerConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda:N', got {self.device!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        for name in ("max_running", "prefill_chunk", "stream_max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_running", "prefill_chunk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 1 (or 0: by device), got {getattr(self, name)}")
+        running, chunk = DEVICE_DEFAULTS[self.device.split(":")[0]]
+        # Frozen: resolve the "by device" zeros once, so every reader sees the numbers in use.
+        object.__setattr__(self, "max_running", self.max_running or running)
+        object.__setattr__(self, "prefill_chunk", self.prefill_chunk or chunk)
+        if self.stream_max_tokens < 1:
+            raise ValueError(f"stream_max_tokens must be at least 1, got {self.stream_max_tokens}")
         if self.random_weights and self.model_path is None:
             raise ValueError("--random-weights needs --model: a directory with the config.json to follow")
         if self.extend_attention not in EXTEND_ATTENTION_CHOICES:

@@ -37,6 +37,17 @@ def test_flags_and_env_build_the_config(monkeypatch: pytest.MonkeyPatch) -> None
     )
 
 
+def test_batch_limits_default_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = config_from_args(build_parser().parse_args([]))
+    gpu = config_from_args(build_parser().parse_args(["--device", "cuda:0"]))
+    assert (cpu.max_running, cpu.prefill_chunk) == (16, 512)
+    assert (gpu.max_running, gpu.prefill_chunk) == (128, 8192)
+    explicit = config_from_args(build_parser().parse_args(["--device", "cuda:0", "--max-running", "7"]))
+    assert (explicit.max_running, explicit.prefill_chunk) == (7, 8192)
+    monkeypatch.setenv("RADIXKV_PREFILL_CHUNK", "0")  # compose passes 0 through: still by device
+    assert config_from_args(build_parser().parse_args(["--device", "cuda:1"])).prefill_chunk == 8192
+
+
 def test_extend_attention_must_be_a_known_backend() -> None:
     from computeworker.config import EXTEND_ATTENTION_CHOICES
     from computeworker.model.extend_graphs import BACKENDS
@@ -53,7 +64,8 @@ def test_extend_attention_must_be_a_known_backend() -> None:
     [
         (["--device", "gpu"], "device must be"),
         (["--daemon", "http://x"], "endpoint must be"),
-        (["--max-running", "0"], "max_running"),
+        (["--max-running", "-1"], "max_running"),
+        (["--prefill-chunk", "-5"], "prefill_chunk"),
         (["--dtype", "int8"], "dtype must be"),
     ],
 )
