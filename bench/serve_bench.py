@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="phase C also runs 2 workers with --dispatch spread (requests split between them)",
     )
-    p.add_argument("--max-running", type=int, default=0, help="the workers' flag; 0: by device (128 on CUDA)")
+    p.add_argument("--max-running", type=int, default=0, help="the workers' flag; 0: by device (256 on CUDA)")
     p.add_argument(
         "--prefill-chunk", type=int, default=0, help="the workers' flag; 0: by device (8192 on CUDA)"
     )

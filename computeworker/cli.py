@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-running",
         type=int,
         default=int(_env("MAX_RUNNING", "0") or 0),
-        help="requests batched at once; 0 = by device: 16 on CPU, 128 on CUDA [RADIXKV_MAX_RUNNING]",
+        help="requests batched at once; 0 = by device: 16 on CPU, 256 on CUDA [RADIXKV_MAX_RUNNING]",
     )
     p.add_argument(
         "--prefill-chunk",

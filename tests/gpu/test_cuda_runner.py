@@ -168,10 +168,19 @@ def test_two_gpu_workers_race_on_one_prefix(model_dir: Path, tmp_path: Path) -> 
             "--dispatch",
             "spread",
         ),
-        # fa2 in every extend graph: the cold racer's 512- and 137-token chunks and the hit's 9-token suffix
-        # then run one attention kernel family ("auto" puts chunks over 128 tokens on fa3, whose bf16
-        # rounding differs, and a random-weight model's near-tied logits can flip a greedy token).
-        worker_args=("--random-weights", "--max-running", "4", "--extend-attention", "fa2"),
+        # fa2 in every extend graph, 512-token chunks: the cold racer's 512- and 137-token chunks and the
+        # hit's 9-token suffix then all run fa2 extend graphs ("auto" puts chunks over 128 tokens on fa3,
+        # and an unchunked 649-token prompt, CUDA's default 8192-token chunk, runs eagerly on fa3, whose
+        # bf16 rounding differs: a random-weight model's near-tied logits can flip a greedy token).
+        worker_args=(
+            "--random-weights",
+            "--max-running",
+            "4",
+            "--prefill-chunk",
+            "512",
+            "--extend-attention",
+            "fa2",
+        ),
     )
 
     async def race() -> list[tuple[list, list, int]]:

@@ -41,7 +41,7 @@ def test_batch_limits_default_by_device(monkeypatch: pytest.MonkeyPatch) -> None
     cpu = config_from_args(build_parser().parse_args([]))
     gpu = config_from_args(build_parser().parse_args(["--device", "cuda:0"]))
     assert (cpu.max_running, cpu.prefill_chunk) == (16, 512)
-    assert (gpu.max_running, gpu.prefill_chunk) == (128, 8192)
+    assert (gpu.max_running, gpu.prefill_chunk) == (256, 8192)
     explicit = config_from_args(build_parser().parse_args(["--device", "cuda:0", "--max-running", "7"]))
     assert (explicit.max_running, explicit.prefill_chunk) == (7, 8192)
     monkeypatch.setenv("RADIXKV_PREFILL_CHUNK", "0")  # compose passes 0 through: still by device
