@@ -35,7 +35,10 @@ async def test_stalled_worker_is_shut_down_and_its_request_finishes_elsewhere(
         waited = asyncio.get_running_loop().time() - started
         assert 0.8 <= waited < 5.0
         events = [(e["event"], e["worker"]) for e in procs.events() if e["event"] in ("dispatch", "shutdown")]
-        assert events == [("dispatch", "w0"), ("shutdown", "w0"), ("dispatch", "w1")]
+        # The daemon sends w0 its Shutdown before re-dispatching to w1, but the two processes log what they
+        # receive in whatever order they get the CPU: only w0's dispatch is ordered before both.
+        assert events[0] == ("dispatch", "w0")
+        assert sorted(events[1:]) == [("dispatch", "w1"), ("shutdown", "w0")]
         shutdown = next(e for e in procs.events() if e["event"] == "shutdown")
         assert "no progress for 0.8s with 1 requests (stalled)" in shutdown["reason"]
         assert await asyncio.to_thread(stuck.wait, 10) == 0  # it obeyed the Shutdown
