@@ -27,6 +27,7 @@ import torch
 
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.batch import ForwardBatch
+from computeworker.model.rope_store import fused_rope_store_enabled, rope_and_store
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ class GraphAttention:
     """The attention backend inside a captured graph (decode or extend): planning happens outside, before
     each replay, so begin() does nothing. forward writes every row's K and V with one scatter through the
     static [rows, 2] index (padding rows aim at row 0's slot, and duplicate targets land in no defined
-    order), writes row 0 again so it wins, then runs the CUDA-graph-mode wrapper.
+    order), writes row 0 again so it wins, then runs the CUDA-graph-mode wrapper. Where `fuses_rope` is
+    True the fused forward calls forward_with_rope instead: RoPE and the K/V write in one Triton kernel
+    that lets only token 0 write row 0's slots (computeworker.model.rope_store; -0.55 ms of a 9.3 ms cached
+    step on an H200, bench/results/gpu_notes.md run 31).
 
     strided_q: pass q to the wrapper as the strided view it is (a slice of the fused QKV output) rather
     than a contiguous copy; only for wrappers whose kernel takes q's row stride (FlashInfer's fa2 paged
@@ -83,9 +87,26 @@ class GraphAttention:
         self._shape = shape
         self._strided_q = strided_q
         self._out = out
+        # Read by the fused forward: when True it calls forward_with_rope instead of RoPE + forward.
+        self.fuses_rope = fused_rope_store_enabled(shape.num_qo_heads, shape.num_kv_heads, shape.head_dim)
 
     def begin(self, batch: ForwardBatch) -> None:
         return None
+
+    def forward_with_rope(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """forward() for q / k before RoPE: one kernel rotates q in place and writes rotated K and V
+        into the pool (computeworker.model.rope_store), then the attention runs."""
+        rope_and_store(q, k, v, positions, cos_sin, self._kv_rows, kv_layer)
+        return self._attend(q, kv_layer)
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor
@@ -96,6 +117,10 @@ class GraphAttention:
         rows.index_put_((self._kv_rows,), kv)
         # Padding rows aimed at row 0's slot: write row 0 again, last, so it wins.
         rows.index_put_((self._kv_rows[:1],), kv[:1])
+        return self._attend(q, kv_layer)
+
+    def _attend(self, q: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
+        s = self._shape
         q = q.reshape(-1, s.num_qo_heads, s.head_dim)
         if not (self._strided_q or q.is_contiguous()):
             q = q.contiguous()

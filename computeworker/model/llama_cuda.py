@@ -8,6 +8,7 @@ SiLU then mul, separate residual adds); this one runs ~10::
     qkv = h @ Wqkv
     rope(q, k) in place               cos/sin from a per-position fp32 table, no temporaries
     attention(q, k, v)                the backend writes k/v into the pool first
+                                      (in CUDA graphs: RoPE and the K/V write are one kernel, rope_store)
     h = o @ Wo
     fused_add_rmsnorm(h, residual)
     h = silu_and_mul(h @ Wgate_up) @ Wdown
@@ -79,6 +80,7 @@ class LlamaCudaForward:
         d = spec.head_dim
         cos_sin = self._cos_sin_table(max(batch.kv_lens))
         attention.begin(batch)
+        fused_rope = getattr(attention, "fuses_rope", False)
         residual = F.embedding(batch.input_ids, model.embed)
         h = flashinfer.rmsnorm(residual, model.layers[0].input_norm, eps)
         for i, layer in enumerate(model.layers):
@@ -86,14 +88,18 @@ class LlamaCudaForward:
                 flashinfer.fused_add_rmsnorm(h, residual, layer.input_norm, eps)
             qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
             q, k, v = qkv.split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
-            flashinfer.apply_rope_with_cos_sin_cache_inplace(batch.positions, q, k, d, cos_sin, is_neox=True)
-            o = attention.forward(
-                i,
+            heads = (
                 q.view(-1, spec.num_heads, d),
                 k.view(-1, spec.num_kv_heads, d),
                 v.view(-1, spec.num_kv_heads, d),
-                kv_pool[i],
             )
+            if fused_rope:  # the graphs' backend rotates q / k and writes K / V in one kernel
+                o = attention.forward_with_rope(i, *heads, kv_pool[i], batch.positions, cos_sin)  # type: ignore[attr-defined]
+            else:
+                flashinfer.apply_rope_with_cos_sin_cache_inplace(
+                    batch.positions, q, k, d, cos_sin, is_neox=True
+                )
+                o = attention.forward(i, *heads, kv_pool[i])
             h = F.linear(o.reshape(-1, layer.q_size), layer.o_weight, layer.o_bias)
             flashinfer.fused_add_rmsnorm(h, residual, layer.post_norm, eps)
             h = F.linear(flashinfer.silu_and_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
