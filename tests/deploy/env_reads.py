@@ -52,13 +52,16 @@ def daemon_reads(monkeypatch: Any) -> set[str]:
 
 
 def worker_reads(monkeypatch: Any) -> set[str]:
-    """`computeworker` options (computeworker/cli.py, computeworker/config.py) and the model cache."""
+    """`computeworker` options (computeworker/cli.py, computeworker/config.py), the model cache and the
+    CUDA graphs' kernel switch (computeworker/model/rope_store.py)."""
     from computeworker.cli import build_parser
+    from computeworker.model.rope_store import fused_rope_store_enabled
     from shared.default_model import default_cache_dir
 
     def call(env: RecordingEnv) -> None:
         build_parser()
         default_cache_dir()
+        fused_rope_store_enabled(32, 8, 128)
 
     return _reads(call, monkeypatch)
 
