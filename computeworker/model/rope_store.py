@@ -20,6 +20,7 @@ attention kernels read K from the pool.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -101,9 +102,11 @@ def rope_and_store(
     hkv = k.shape[1]
     if t == 0:
         return
-    _KERNEL[(t,)](  # type: ignore[index]
-        q, k, v, q.stride(0), k.stride(0), v.stride(0),
-        positions, cos_sin, rows, kv_layer,
-        HQ=hq, HKV=hkv, HQ_P=1 << (hq - 1).bit_length(), HKV_P=1 << (hkv - 1).bit_length(), HALF=d // 2,
-        num_warps=4,
-    )  # fmt: skip
+    # Triton launches on the thread's current device: make it the tensors' (a worker on cuda:1).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _KERNEL[(t,)](  # type: ignore[index]
+            q, k, v, q.stride(0), k.stride(0), v.stride(0),
+            positions, cos_sin, rows, kv_layer,
+            HQ=hq, HKV=hkv, HQ_P=1 << (hq - 1).bit_length(), HKV_P=1 << (hkv - 1).bit_length(),
+            HALF=d // 2, num_warps=4,
+        )  # fmt: skip
