@@ -10,8 +10,12 @@ padding see the whole input::
     pieces:  [special] [------- piece A (cached) --------] [special] [\\n] [special] [-- piece B --] [special]
     ids:     post_process( id(special) + ids(A) + id(special) + ids(\\n) + ... )
 
-So ids(whole) == wrap(concat(ids(piece) or id(special))) as long as nothing looks across a piece's
-edges.
+So ids(whole) == wrap(concat(ids(piece) or id(special))) as long as nothing looks across a piece's edges.
+Some tokenizers do: added tokens with lstrip / rstrip / single_word read the neighbouring text, Metaspace
+with prepend_scheme "first" treats the piece at offset 0 differently, BPE dropout is random, truncation
+and padding act on the whole. `SegmentEncoder.create` inspects the tokenizer, refuses (returns None with
+the reason) unless every component is on a list of per-piece ones, and then checks itself against
+whole-text encoding on probe strings. Callers fall back to whole-text tokenization.
 
 A long piece (a document pasted as a plain completion prompt, with no special token in it) is cut further,
 into chunks of about CHUNK_CHARS characters that each end right before a word: a space that follows a
@@ -25,11 +29,7 @@ document followed by a new question re-tokenizes only the last chunk::
 
 Chunking needs a pre-tokenizer that cuts words (without one, BPE merges may span the cut), and `create`
 checks it against whole-text encoding on a long probe (punctuation, digits, quotes, double spaces,
-newlines, non-Latin letters at the cuts); a tokenizer that fails keeps the piece cache without chunks. Some tokenizers do: added tokens with lstrip / rstrip / single_word read the neighbouring text,
-Metaspace with prepend_scheme "first" treats the piece at offset 0 differently, BPE dropout is random,
-truncation and padding act on the whole. `SegmentEncoder.create` inspects the tokenizer, refuses
-(returns None with the reason) unless every component is on a list of per-piece ones, and then checks
-itself against whole-text encoding on probe strings. Callers fall back to whole-text tokenization.
+newlines, non-Latin letters at the cuts); a tokenizer that fails keeps the piece cache without chunks.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 One step = one forward pass: every decoding request contributes its one sampled token, and prefilling
 requests contribute chunks of their uncached prompt suffix, oldest first, until `prefill_chunk` prompt
-tokens are in the step; in one mixed batch, or (on CUDA) in alternating prefill and decode steps. A request that has no free slot (waiting for
-PagesGranted) or whose prompt commit is in flight sits the step out; the others go on.
+tokens are in the step; in one mixed batch, or (on CUDA) in alternating prefill and decode steps. A
+request that has no free slot (waiting for PagesGranted) or whose prompt commit is in flight sits the
+step out; the others go on.
 """
 
 from __future__ import annotations

@@ -65,9 +65,8 @@ def _kernel() -> object:
         tl.store(qp + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=q_mask)
         k_row = tl.load(rows_ptr + 2 * t)
         v_row = tl.load(rows_ptr + 2 * t + 1)
-        if (t == 0) | (
-            k_row != tl.load(rows_ptr)
-        ):  # padding rows aim at row 0's slot: token 0 alone writes it
+        # Padding rows aim at row 0's slots: token 0 alone writes them.
+        if (t == 0) | (k_row != tl.load(rows_ptr)):
             hk = tl.arange(0, HKV_P)[:, None]
             k_mask = hk < HKV
             kp = k_ptr + t.to(tl.int64) * stride_kt + hk * (2 * HALF) + i
