@@ -89,7 +89,7 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
     got = asyncio.run(go())
     total = args.prefix_tokens + args.question_tokens
     steps = [s for w in stack.steps(got["since"]) for s in w]
-    cold_ms = [ms for seqs, tok, _, cached, ms in steps if seqs == 1 and tok == total and cached == 0]
+    cold_ms = cold_forward_ms(steps, total)
     hot_ms = [
         ms for seqs, tok, _, cached, ms in steps if seqs == 1 and tok == args.question_tokens and cached
     ]
@@ -134,6 +134,26 @@ def phase_a(stack: Stack, args: argparse.Namespace, vocab: int) -> dict:
     }
 
 
+def cold_forward_ms(steps: list[tuple[int, int, int, int, float]], total: int) -> list[float]:
+    """The engine's time for each cold `total`-token prompt in `steps`: its prefill chunks summed (a
+    prompt longer than --prefill-chunk runs as several steps of one sequence, each over the ones before;
+    only the last waits for the GPU, so the sum is the forward's wall time)."""
+    out: list[float] = []
+    done, acc = None, 0.0
+    for seqs, tok, _, cached, ms in steps:
+        if seqs == 1 and cached == 0:
+            done, acc = tok, ms
+        elif seqs == 1 and done is not None and cached == done:
+            done, acc = done + tok, acc + ms
+        else:
+            done = None
+            continue
+        if done == total:
+            out.append(round(acc, 3))
+            done = None
+    return out
+
+
 def phase_b(stack: Stack, args: argparse.Namespace, clients: int, vocab: int, encode) -> dict:
     spec = MultiTurn(
         clients=clients,
@@ -142,10 +162,14 @@ def phase_b(stack: Stack, args: argparse.Namespace, clients: int, vocab: int, en
         output_tokens=args.output_tokens,
         request_rate=args.request_rate,
         max_parallel=min(args.max_parallel, clients),
+        temperature=args.temperature,
+        top_p=args.top_p,
     )
     out = {"workload": {**{k: getattr(spec, k) for k in spec.__slots__}, "clients_requested": args.clients}}
     out["hit_rate_ceiling"] = round(spec.hit_rate_ceiling(16), 4)
     for name, cache in (("cache", True), ("no_cache", False)):
+        if name not in args.multi_turn_runs.split(","):
+            continue
         start = time.perf_counter()
         out[name] = asyncio.run(run_multi_turn(stack.config.url, stack.model, spec, vocab, encode, cache))
         print(f"multi-turn {name}: {out[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -192,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--request-rate", type=float, default=64.0)
     p.add_argument("--max-parallel", type=int, default=256)
+    p.add_argument(
+        "--multi-turn-runs", default="cache,no_cache", help="which multi-turn runs: cache, no_cache or both"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="multi-turn sampling (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="multi-turn sampling")
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--followers", type=int, default=8)
     p.add_argument("--group-prefix-tokens", type=int, default=2048)

@@ -49,14 +49,17 @@ async def complete(
     prompt: Sequence[int] | str,
     max_tokens: int,
     salt: str,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> Result:
-    """One streamed greedy completion of token ids or (a str) text. Raises RuntimeError for an HTTP or
-    in-band error."""
+    """One streamed completion (greedy by default) of token ids or (a str) text. Raises RuntimeError for
+    an HTTP or in-band error."""
     body = {
         "model": model,
         "prompt": prompt if isinstance(prompt, str) else list(prompt),
         "max_tokens": max_tokens,
-        "temperature": 0,
+        "temperature": temperature,
+        "top_p": top_p,
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
@@ -137,6 +140,8 @@ class MultiTurn:
     request_rate: float = 64.0  # Poisson arrivals of ready requests, per second
     max_parallel: int = 256
     seed: int = 0
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
 
     def hit_rate_ceiling(self, page_size: int) -> float:
         """Best possible token hit rate: round r reuses the page-aligned part of everything before it
@@ -171,7 +176,9 @@ async def run_multi_turn(
     async def one(session: aiohttp.ClientSession, client: int, rnd: int) -> None:
         async with limit:
             salt = "multiturn" if cache else f"nocache-{next(salts)}"
-            res = await complete(session, url, model, histories[client], spec.output_tokens, salt)
+            res = await complete(
+                session, url, model, histories[client], spec.output_tokens, salt, spec.temperature, spec.top_p
+            )
         results.append(res)
         if rnd + 1 < spec.rounds:
             histories[client] = (

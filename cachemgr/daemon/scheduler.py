@@ -151,6 +151,7 @@ class Scheduler:
             new_page_ids=ids_to_bytes(new_pages),
             sampling=sampling,
             attempt=req.attempt,
+            num_generated=len(req.generated),
         )
         self.link.send(worker.identity, dispatch)
         if req.attempt == 0:

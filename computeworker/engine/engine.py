@@ -26,7 +26,7 @@ import torch
 
 from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.request import Phase, Request
-from computeworker.engine.sampling import RowSampling, make_generator, sample_batch
+from computeworker.engine.sampling import RowSampling, sample_batch
 from computeworker.engine.scheduler import build_batch, plan_step
 from computeworker.engine.stop import DetokenizerSource, StopStringMatcher
 from computeworker.model.batch import AttentionBackend, ForwardBatch
@@ -258,7 +258,10 @@ class Engine:
             logits = logits[sampling_rows]
         tokens = sample_batch(
             logits,
-            [RowSampling(entries[i].request.sampling, entries[i].request.generator) for i in sampling_rows],
+            [
+                RowSampling(req.sampling, req.sample_seed, req.sample_offset + len(req.output))
+                for req in (entries[i].request for i in sampling_rows)
+            ],
         )
         sampled_at = time.perf_counter()
         sampled = dict(zip(sampling_rows, tokens, strict=True))
@@ -298,6 +301,8 @@ class Engine:
             raise ValueError(f"request {msg.request_id.hex()} is already here")
         if not 0 <= msg.matched_len <= len(prompt) or msg.matched_len % ps:
             raise ValueError(f"matched_len {msg.matched_len} is not a page boundary within the prompt")
+        if not 0 <= msg.num_generated < len(prompt):
+            raise ValueError(f"num_generated {msg.num_generated} is not within the {len(prompt)} tokens")
         if len(prefix) != msg.matched_len // ps:
             raise ValueError(f"{len(prefix)} prefix pages for matched_len {msg.matched_len}")
         page_table = np.concatenate([prefix, new])  # a writable copy: CommitAck rewrites its head
@@ -313,7 +318,8 @@ class Engine:
             max_len=max_len,
             page_table=page_table,
             num_computed=msg.matched_len,
-            generator=make_generator(msg.sampling, self._pool.device, self._rng.getrandbits(63)),
+            sample_seed=msg.sampling.seed if msg.sampling.seed is not None else self._rng.getrandbits(63),
+            sample_offset=msg.num_generated,
         )
         if msg.matched_len == len(prompt):
             # Full hit: recompute the last prompt token into a private copy of its page.

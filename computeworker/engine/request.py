@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from computeworker.engine.stop import StopStringMatcher
 from shared.ids import ID_DTYPE
@@ -61,7 +60,8 @@ class Request:
     page_table: np.ndarray  # int32, writable: position i lives in page_table[i // page_size]
     num_computed: int
     output: list[int] = field(default_factory=list)  # tokens sampled so far (fed back one by one)
-    generator: torch.Generator | None = None
+    sample_seed: int = 0  # the sampling stream: params.seed, or one the engine drew (see sampling.uniform)
+    sample_offset: int = 0  # draws made by earlier attempts (Dispatch.num_generated)
     stop_matcher: StopStringMatcher | None = None
     cow_source: int | None = None  # shared page to copy into page_table[num_computed // page_size]
     phase: Phase = Phase.RUNNING

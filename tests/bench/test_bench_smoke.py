@@ -54,6 +54,7 @@ def test_serve_bench_runs_every_phase_on_cpu(tmp_path: Path) -> None:
             "--rounds", "2", "--new-tokens", "32", "--output-tokens", "4", "--request-rate", "100",
             "--groups", "2", "--followers", "2", "--group-prefix-tokens", "64", "--groups-repeats", "1",
             "--max-running", "4", "--prefill-chunk", "512", "--out", str(out), "--logs-out", str(tmp_path / "logs.tgz"),
+            "--temperature", "0.8", "--top-p", "0.9",
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -82,3 +83,27 @@ def test_serve_bench_runs_every_phase_on_cpu(tmp_path: Path) -> None:
         == report["groups_2_workers_spread"]["prefill_tokens_ideal"]
     )
     assert (tmp_path / "logs.tgz").stat().st_size > 0 and out.with_suffix(".png").exists()
+
+
+def test_cold_forward_sums_a_prompts_prefill_chunks() -> None:
+    from bench.serve_bench import cold_forward_ms
+
+    steps = [
+        (1, 8192, 8192, 0, 22.9),  # a 10,100-token prompt in two chunks: the first returns before the GPU
+        (1, 1908, 1908, 8192, 264.8),
+        (1, 1, 0, 10100, 7.5),  # its decode step
+        (1, 10100, 10100, 0, 280.0),  # one chunk
+        (1, 100, 100, 10000, 9.7),  # a cache hit
+        (1, 8192, 8192, 0, 20.0),  # a chunk whose rest never ran alone
+        (2, 1908, 1908, 8192, 1.0),
+    ]
+    assert cold_forward_ms(steps, 10100) == [287.7, 280.0]
+
+
+def test_sampling_bench_runs_on_cpu() -> None:
+    from bench.sampling_bench import main
+
+    result = main(["--device", "cpu", "--vocab", "512", "--batch-sizes", "1,4", "--reps", "1"])
+    assert set(result["ms_per_step"]) == {
+        f"{m}/{b}" for m in ("greedy", "temperature", "top_p", "top_k_top_p") for b in (1, 4)
+    }

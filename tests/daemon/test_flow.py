@@ -115,6 +115,7 @@ async def test_sigkilled_worker_request_finishes_elsewhere_without_duplicates(
     # last frame can die with it, unflushed in its ZeroMQ I/O thread. No token is lost or repeated
     # either way (the output assertion above).
     assert d2["prompt_len"] in (10 + 2, 10 + 3)
+    assert (d1["num_generated"], d2["num_generated"]) == (0, d2["prompt_len"] - 10)  # sampling resumes
     assert d2["matched_len"] == 8 and d2["prefix_ok"]
     stats = daemon.stats()
     assert (stats["workers"], stats["redispatches"], stats["requests_finished"]) == (1, 1, 1)

@@ -218,6 +218,7 @@ class ScriptedWorker:
             "dispatch",
             request_id=msg.request_id.hex(),
             attempt=msg.attempt,
+            num_generated=msg.num_generated,
             prompt_len=len(tokens),
             matched_len=msg.matched_len,
             computed=len(tokens) - msg.matched_len,

@@ -325,6 +325,8 @@ def test_bad_dispatch_raises_and_changes_nothing(shm_pool: MappedPool) -> None:
         eng.add(_dispatch([1, 2, 3, 4, 5], 4, [2], [2]))
     with pytest.raises(ValueError, match="empty prompt"):
         eng.add(_dispatch([], 0, [], [2]))
+    with pytest.raises(ValueError, match="num_generated"):
+        eng.add(Dispatch(RID, ids_to_bytes([1, 2]), 0, b"", ids_to_bytes([2]), GREEDY, num_generated=2))
     eng.add(_dispatch([1], 0, [], [2]))
     with pytest.raises(ValueError, match="already here"):
         eng.add(_dispatch([1], 0, [], [3]))

@@ -82,7 +82,13 @@ class MiniDaemon:
     finished: dict[bytes, Finished] = field(default_factory=dict)
 
     def dispatch(
-        self, rid: bytes, prompt: list[int], sampling: SamplingParams, *, use_cache: bool = True
+        self,
+        rid: bytes,
+        prompt: list[int],
+        sampling: SamplingParams,
+        *,
+        use_cache: bool = True,
+        num_generated: int = 0,
     ) -> None:
         prefix: list[int] = []
         while use_cache and (len(prefix) + 1) * PAGE <= len(prompt):
@@ -95,7 +101,16 @@ class MiniDaemon:
         new = [self.free.pop(0) for _ in range(num_new)]
         self.outputs[rid] = []
         self.engine.add(
-            Dispatch(rid, ids_to_bytes(prompt), matched, ids_to_bytes(prefix), ids_to_bytes(new), sampling)
+            Dispatch(
+                rid,
+                ids_to_bytes(prompt),
+                matched,
+                ids_to_bytes(prefix),
+                ids_to_bytes(new),
+                sampling,
+                attempt=int(num_generated > 0),
+                num_generated=num_generated,
+            )
         )
 
     def _commit(self, tokens: list[int], pages: list[int]) -> list[int]:
@@ -199,3 +214,18 @@ def test_batched_requests_match_each_alone_and_seeds_reproduce(tiny: LlamaModel,
     mini.dispatch(b"b" * 16, PROMPT[3:9], seeded)
     mini.run()
     assert mini.outputs == alone
+
+
+def test_redispatched_seeded_request_continues_its_stream(tiny: LlamaModel, pool: MappedPool) -> None:
+    seeded = SamplingParams(temperature=1.5, seed=21, max_tokens=8, ignore_eos=True)
+    mini, _ = _mini(tiny, pool)
+    mini.dispatch(b"s" * 16, PROMPT, seeded)
+    mini.run()
+    whole = mini.outputs[b"s" * 16]
+    assert len(set(whole)) > 1  # really sampled, not a constant
+    # As the daemon resumes it after a worker died with 3 tokens streamed: prompt + those 3, 5 to go.
+    resumed, _ = _mini(tiny, pool)
+    rest = SamplingParams(temperature=1.5, seed=21, max_tokens=5, ignore_eos=True)
+    resumed.dispatch(b"s" * 16, PROMPT + whole[:3], rest, num_generated=3)
+    resumed.run()
+    assert resumed.outputs[b"s" * 16] == whole[3:]

@@ -1,15 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from computeworker.engine.sampling import (
-    RowSampling,
-    make_generator,
-    sample_batch,
-    sample_row,
-    top_k_top_p_mask,
-)
+from computeworker.engine.sampling import RowSampling, _draw, sample_batch, top_k_top_p_mask, uniform
 from shared.protocol import SamplingParams
 
 
@@ -17,11 +13,17 @@ def _kept(mask: torch.Tensor) -> list[int]:
     return torch.nonzero(mask).flatten().tolist()
 
 
+def _frequencies(logits: torch.Tensor, params: SamplingParams, draws: int, seed: int = 11) -> torch.Tensor:
+    """Empirical distribution of `draws` tokens of one request (steps 0..draws-1), sampled as one batch."""
+    rows = [RowSampling(params, seed, step) for step in range(draws)]
+    tokens = sample_batch(logits.expand(draws, -1), rows)
+    return torch.bincount(torch.tensor(tokens), minlength=logits.shape[0]).double() / draws
+
+
 def test_greedy_is_argmax_per_row() -> None:
     logits = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, 1.0, 2.9, 0.0], [-5.0, -4.0, -6.0, -3.5]])
     greedy = SamplingParams(temperature=0.0)
-    rows = [RowSampling(greedy, None)] * 3
-    assert sample_batch(logits, rows) == [1, 0, 3]
+    assert sample_batch(logits, [RowSampling(greedy)] * 3) == [1, 0, 3]
 
 
 def test_top_k_keeps_exactly_k_with_index_tie_break() -> None:
@@ -49,60 +51,97 @@ def test_top_p_applies_after_top_k_renormalizes() -> None:
     assert _kept(top_k_top_p_mask(logits, top_k=2, top_p=0.9)) == [0, 1]
 
 
-def test_sampling_never_draws_a_masked_token() -> None:
+def test_draws_follow_the_softmax_of_logits_over_temperature() -> None:
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    expected = torch.softmax(logits.double() / 0.7, dim=0)
+    freq = _frequencies(logits, SamplingParams(temperature=0.7), draws=20_000)
+    sigma = torch.sqrt(expected * (1 - expected) / 20_000)
+    assert torch.all((freq - expected).abs() < 4 * sigma + 1e-4), (freq, expected)
+
+
+def test_truncated_draws_follow_the_renormalised_kept_set() -> None:
+    logits = torch.log(torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1]))
+    params = SamplingParams(temperature=1.0, top_k=4, top_p=0.8)
+    mask = top_k_top_p_mask(logits, params.top_k, params.top_p)
+    assert _kept(mask) == [1, 2, 3]  # top-4 renormalised: mass before 0, 0.42, 0.68, 0.89
+    expected = torch.softmax(logits.double().masked_fill(~mask, -math.inf), dim=0)
+    freq = _frequencies(logits, params, draws=20_000)
+    sigma = torch.sqrt(expected * (1 - expected) / 20_000)
+    assert torch.all((freq - expected).abs() < 4 * sigma + 1e-4), (freq, expected)
+
+
+def test_sampling_never_draws_a_masked_or_impossible_token() -> None:
     logits = torch.tensor([1.0, 3.0, 2.0, 0.5, 3.0])
     params = SamplingParams(temperature=5.0, top_k=2)
-    gen = make_generator(params, torch.device("cpu"), fallback_seed=0)
-    draws = {sample_row(logits, params, gen) for _ in range(300)}
-    assert draws == {1, 4}
+    assert set(sample_batch(logits.expand(300, -1), [RowSampling(params, 1, s) for s in range(300)])) == {
+        1,
+        4,
+    }
+    blocked = torch.tensor([0.0, -math.inf, 0.0, -math.inf])
+    hot = SamplingParams(temperature=50.0)
+    assert set(sample_batch(blocked.expand(300, -1), [RowSampling(hot, 2, s) for s in range(300)])) == {0, 2}
+    # The largest uniform the stream can produce lands on the last token with probability, not after it.
+    cdf = torch.cumsum(torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=torch.float64), dim=-1)
+    assert _draw(cdf, torch.tensor([1.0 - 2.0**-53], dtype=torch.float64)).tolist() == [1]
+    assert _draw(cdf, torch.tensor([0.0], dtype=torch.float64)).tolist() == [0]
 
 
 def test_seeded_requests_reproduce_and_seeds_differ() -> None:
-    logits = torch.zeros(1000)
-    params = SamplingParams(temperature=1.0, seed=1234)
+    logits = torch.zeros(20, 1000)
 
-    def draw(p: SamplingParams, fallback: int) -> list[int]:
-        gen = make_generator(p, torch.device("cpu"), fallback_seed=fallback)
-        return [sample_row(logits, p, gen) for _ in range(20)]
+    def draw(seed: int, first_step: int = 0) -> list[int]:
+        params = SamplingParams(temperature=1.0, seed=seed)
+        return sample_batch(logits, [RowSampling(params, seed, first_step + s) for s in range(20)])
 
-    first = draw(params, fallback=1)
-    assert draw(params, fallback=2) == first  # the seed wins over the fallback
-    assert draw(SamplingParams(temperature=1.0, seed=1235), fallback=1) != first
-    assert draw(SamplingParams(temperature=1.0), fallback=7) == draw(
-        SamplingParams(temperature=1.0), fallback=7
-    )
+    first = draw(1234)
+    assert draw(1234) == first
+    assert draw(1235) != first
+    # A re-dispatched request resumes its stream: steps 5.. of the same seed are the same draws.
+    assert draw(1234, first_step=5)[:15] == first[5:]
 
 
-def test_seeded_row_is_independent_of_batch_neighbours() -> None:
-    logits = torch.zeros(3, 500)
-    seeded = SamplingParams(temperature=1.0, seed=99)
-    other = SamplingParams(temperature=1.0, seed=5)
-    cpu = torch.device("cpu")
-    alone = [sample_batch(logits[:1], [RowSampling(seeded, make_generator(seeded, cpu, 0))])[0]]
-    gen_a, gen_b = make_generator(other, cpu, 0), make_generator(seeded, cpu, 0)
-    greedy = SamplingParams(temperature=0.0)
-    mixed = sample_batch(
-        logits, [RowSampling(other, gen_a), RowSampling(greedy, None), RowSampling(seeded, gen_b)]
-    )
-    assert mixed[2] == alone[0]
-    assert mixed[1] == 0
+def test_row_is_independent_of_batch_neighbours_and_position() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 500, generator=gen)
+    target = RowSampling(SamplingParams(temperature=0.9, top_p=0.9, seed=99), 99, 7)
+    alone = sample_batch(logits[2:3], [target])[0]
+    neighbours = [
+        RowSampling(SamplingParams(temperature=1.0, seed=5), 5, 0),
+        RowSampling(SamplingParams(temperature=0.0)),
+        RowSampling(SamplingParams(temperature=2.0, top_k=3), 8, 40),
+    ]
+    for position in range(4):
+        rows = [*neighbours[:position], target, *neighbours[position:]]
+        order = [*[0, 1, 3][:position], 2, *[0, 1, 3][position:]]
+        assert sample_batch(logits[order], rows)[position] == alone
 
 
 def test_low_temperature_approaches_greedy_and_high_flattens() -> None:
     logits = torch.tensor([0.0, 1.0, 0.0])
     cold = SamplingParams(temperature=0.01, seed=3)
-    gen = make_generator(cold, torch.device("cpu"), 0)
-    assert {sample_row(logits, cold, gen) for _ in range(100)} == {1}
+    assert set(sample_batch(logits.expand(100, -1), [RowSampling(cold, 3, s) for s in range(100)])) == {1}
     hot = SamplingParams(temperature=100.0, seed=3)
-    gen = make_generator(hot, torch.device("cpu"), 0)
-    assert {sample_row(logits, hot, gen) for _ in range(200)} == {0, 1, 2}
+    assert set(sample_batch(logits.expand(200, -1), [RowSampling(hot, 3, s) for s in range(200)])) == {
+        0,
+        1,
+        2,
+    }
+
+
+def test_uniform_stream() -> None:
+    values = [uniform(42, step) for step in range(1000)]
+    assert all(0.0 <= v < 1.0 for v in values)
+    assert len(set(values)) == 1000
+    assert abs(sum(values) / 1000 - 0.5) < 0.05
+    assert uniform(42, 3) == values[3]
+    assert uniform(-1, 0) == uniform(2**64 - 1, 0)  # any int is a seed, reduced modulo 2**64
+    assert uniform(1, 0) != uniform(2, 0)
+    with pytest.raises(ValueError, match="step"):
+        uniform(1, -1)
 
 
 def test_misuse_raises() -> None:
-    with pytest.raises(ValueError, match="generator"):
-        sample_row(torch.zeros(4), SamplingParams(temperature=1.0), None)
     with pytest.raises(ValueError, match="rows"):
-        sample_batch(torch.zeros(2, 4), [RowSampling(SamplingParams(temperature=0.0), None)])
+        sample_batch(torch.zeros(2, 4), [RowSampling(SamplingParams(temperature=0.0))])
     with pytest.raises(ValueError, match="one row"):
         top_k_top_p_mask(torch.zeros(2, 4), 1, 1.0)
-    assert make_generator(SamplingParams(temperature=0.0), torch.device("cpu"), 0) is None
