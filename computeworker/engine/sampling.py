@@ -74,17 +74,70 @@ def _sorted_keep(
     """Rows of scaled logits [R, V] sorted by value (descending; ties: lower id first): the order
     [R, V], the renormalised probabilities in that order [R, V] (float64, zero where dropped) and the
     kept mask in that order. top_k [R] (0 = off), top_p [R] (1.0 = off)."""
-    vocab = scaled.shape[-1]
     values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    rank = torch.arange(vocab, device=scaled.device)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    probs, keep = _keep_in_order(values, top_k, top_p, None)
+    return order, probs, keep
+
+
+def _keep_in_order(
+    values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, log_norm: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k then top-p over values [R, C] in stable sorted order: (probabilities, float64, zero where
+    dropped; kept mask). log_norm: each row's log softmax normaliser over its whole vocabulary when the
+    C values are only its largest (rows with top-k renormalise over their first k, all among them);
+    None when they are the whole row."""
+    width = values.shape[-1]
+    rank = torch.arange(width, device=values.device)
+    k = torch.where((top_k > 0) & (top_k < width), top_k, width)
     keep = rank[None, :] < k[:, None]
-    probs = torch.softmax(values.masked_fill(~keep, float("-inf")).double(), dim=-1)
+    masked = values.double().masked_fill(~keep, float("-inf"))
+    if log_norm is None:
+        probs = torch.softmax(masked, dim=-1)
+    else:
+        norm = torch.where(top_k > 0, torch.logsumexp(masked, dim=-1), log_norm)
+        probs = torch.exp(masked - norm[:, None])
     # Mass strictly before each token: kept while still below top_p, so the token that crosses the
     # threshold stays and the most likely token always does. Rows with top_p 1.0 keep everything.
     mass_before = torch.cumsum(probs, dim=-1) - probs
     keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    return order, probs * keep, keep
+    return probs * keep, keep
+
+
+# Truncated rows look at their largest CANDIDATES logits first (torch.topk, far cheaper than sorting a
+# 128k vocabulary); a row whose kept set might reach past them is redone with the full sort.
+CANDIDATES = 1024
+
+
+def _truncated_tokens(
+    scaled: torch.Tensor, top_k: list[int], top_p: list[float], uniforms: torch.Tensor
+) -> torch.Tensor:
+    """One token per row of scaled logits [R, V] under top-k / top-p: the same draw as the full stable
+    sort (`_sorted_keep`) gives for these uniforms."""
+    device = scaled.device
+    vocab = scaled.shape[-1]
+    k_t = torch.tensor(top_k, device=device)
+    p_t = torch.tensor(top_p, dtype=torch.float64, device=device)
+    width = min(vocab, CANDIDATES)
+    if width == vocab or any(k >= width for k in top_k):
+        order, probs, _ = _sorted_keep(scaled, k_t, p_t)
+        return order.gather(1, _draw(torch.cumsum(probs, dim=-1), uniforms)[:, None]).squeeze(1)
+    values, ids = torch.topk(scaled, width, dim=-1, sorted=False)
+    by_id = torch.argsort(ids, dim=-1)  # then a stable sort by value leaves ties in id order
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    values, perm = torch.sort(values, dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, perm)
+    probs, keep = _keep_in_order(values, k_t, p_t, torch.logsumexp(scaled.double(), dim=-1))
+    # Exact when the last kept value is above the smallest candidate: then every token at least that
+    # likely is a candidate, in the full sort's order.
+    last_kept = values.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0))
+    exact = (last_kept > values[:, -1:]).squeeze(1)
+    tokens = ids.gather(1, _draw(torch.cumsum(probs, dim=-1), uniforms)[:, None]).squeeze(1)
+    if not bool(exact.all()):
+        redo = torch.nonzero(~exact).squeeze(1)
+        order, full, _ = _sorted_keep(scaled.index_select(0, redo), k_t[redo], p_t[redo])
+        at = _draw(torch.cumsum(full, dim=-1), uniforms.index_select(0, redo))
+        tokens[redo] = order.gather(1, at[:, None]).squeeze(1)
+    return tokens
 
 
 def _draw(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -122,11 +175,10 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
         tokens[index.index_select(0, plain)] = picked
     if truncated:
         trunc = torch.tensor(truncated, device=device)
-        order, probs, _ = _sorted_keep(
+        tokens[index.index_select(0, trunc)] = _truncated_tokens(
             scaled.index_select(0, trunc),
-            torch.tensor([params[j].top_k for j in truncated], device=device),
-            torch.tensor([params[j].top_p for j in truncated], dtype=torch.float64, device=device),
+            [params[j].top_k for j in truncated],
+            [params[j].top_p for j in truncated],
+            uniforms.index_select(0, trunc),
         )
-        at = _draw(torch.cumsum(probs, dim=-1), uniforms.index_select(0, trunc))
-        tokens[index.index_select(0, trunc)] = order.gather(1, at[:, None]).squeeze(1)
     return tokens.tolist()

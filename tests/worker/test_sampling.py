@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from computeworker.engine import sampling
 from computeworker.engine.sampling import RowSampling, _draw, sample_batch, top_k_top_p_mask, uniform
 from shared.protocol import SamplingParams
 
@@ -145,3 +146,25 @@ def test_misuse_raises() -> None:
         sample_batch(torch.zeros(2, 4), [RowSampling(SamplingParams(temperature=0.0))])
     with pytest.raises(ValueError, match="one row"):
         top_k_top_p_mask(torch.zeros(2, 4), 1, 1.0)
+
+
+def test_candidate_shortcut_draws_what_the_full_sort_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truncated rows look at their largest CANDIDATES logits first; with ties everywhere (bf16-like
+    coarse values) and kept sets both inside and past the candidates, every draw equals the full sort's."""
+    monkeypatch.setattr(sampling, "CANDIDATES", 8)
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 400, 300
+    scaled = (torch.randn(rows, vocab, generator=gen) * 2).round() / 2  # many equal values
+    top_k = [int(k) for k in torch.randint(0, 8, (rows,), generator=gen)]
+    top_k[0] = 10  # past the candidates: the first batch takes the full sort for every row
+    top_p = [float(p) ** 3 for p in torch.rand(rows, generator=gen).clamp(min=0.05)]
+    top_p = [1.0 if i % 5 == 0 else p for i, p in enumerate(top_p)]
+    uniforms = torch.rand(rows, generator=gen, dtype=torch.float64)
+    for lo in range(0, rows, 50):  # batches with and without a row that needs the full sort
+        sl = slice(lo, lo + 50)
+        got = sampling._truncated_tokens(scaled[sl], top_k[sl], top_p[sl], uniforms[sl])
+        order, probs, _ = sampling._sorted_keep(
+            scaled[sl], torch.tensor(top_k[sl]), torch.tensor(top_p[sl], dtype=torch.float64)
+        )
+        want = order.gather(1, sampling._draw(torch.cumsum(probs, dim=-1), uniforms[sl])[:, None]).squeeze(1)
+        assert got.tolist() == want.tolist()
