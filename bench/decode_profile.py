@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -37,8 +38,12 @@ def decode_case(
 ) -> dict[str, Any]:
     pages_per_seq = (context + 1 + PAGE - 1) // PAGE
     runner = Runner(spec, model, max_tokens=batch_size * pages_per_seq * PAGE, fused=True)
-    seqs = [
-        SeqChunk([7 + i], context, list(range(i * pages_per_seq, (i + 1) * pages_per_seq)))
+    seqs = [  # int32 arrays, as the engine's requests hold their tokens and page tables
+        SeqChunk(
+            np.array([7 + i], dtype=np.int32),
+            context,
+            np.arange(i * pages_per_seq, (i + 1) * pages_per_seq, dtype=np.int32),
+        )
         for i in range(batch_size)
     ]
 

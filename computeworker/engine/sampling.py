@@ -103,9 +103,12 @@ def _keep_in_order(
     return probs * keep, keep
 
 
-# Truncated rows look at their largest CANDIDATES logits first (torch.topk, far cheaper than sorting a
-# 128k vocabulary); a row whose kept set might reach past them is redone with the full sort.
+# With many truncated rows, each looks at its largest CANDIDATES logits first (torch.topk) and a row whose
+# kept set might reach past them is redone with the full sort. topk over a 128k vocabulary has a fixed
+# cost of ~2 ms on an H200, so below CANDIDATE_MIN_ROWS rows the full stable sort is cheaper (run 33/34:
+# 64 rows 2.1 ms sorted vs 2.5 ms with candidates, 256 rows 5.5 vs 3.4 ms).
 CANDIDATES = 1024
+CANDIDATE_MIN_ROWS = 128
 
 
 def _truncated_tokens(
@@ -118,7 +121,7 @@ def _truncated_tokens(
     k_t = torch.tensor(top_k, device=device)
     p_t = torch.tensor(top_p, dtype=torch.float64, device=device)
     width = min(vocab, CANDIDATES)
-    if width == vocab or any(k >= width for k in top_k):
+    if width == vocab or len(top_k) < CANDIDATE_MIN_ROWS or any(k >= width for k in top_k):
         order, probs, _ = _sorted_keep(scaled, k_t, p_t)
         return order.gather(1, _draw(torch.cumsum(probs, dim=-1), uniforms)[:, None]).squeeze(1)
     values, ids = torch.topk(scaled, width, dim=-1, sorted=False)

@@ -152,6 +152,7 @@ def test_candidate_shortcut_draws_what_the_full_sort_draws(monkeypatch: pytest.M
     """Truncated rows look at their largest CANDIDATES logits first; with ties everywhere (bf16-like
     coarse values) and kept sets both inside and past the candidates, every draw equals the full sort's."""
     monkeypatch.setattr(sampling, "CANDIDATES", 8)
+    monkeypatch.setattr(sampling, "CANDIDATE_MIN_ROWS", 1)
     gen = torch.Generator().manual_seed(3)
     rows, vocab = 400, 300
     scaled = (torch.randn(rows, vocab, generator=gen) * 2).round() / 2  # many equal values
