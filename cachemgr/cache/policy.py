@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from cachemgr.cache.hashing import namespace_seed
 from cachemgr.cache.node import TreeNode
 from cachemgr.cache.policy_base import EvictionPolicy
+from cachemgr.cache.shadow import ShadowLRU
 
 
 class LRUPolicy(EvictionPolicy):
@@ -84,25 +88,58 @@ class GhostPolicy(EvictionPolicy):
       cost this hit): demote less.
 
     Each step moves the demotion by ``step`` times the moving average of ghost gaps (the reuse distance
-    that matters), and it stays within [0, max_scale * that average], so abandoned conversations still
-    age out. max_scale is 0.5: where conversations come back at random (bench.traces_revisit, every live
-    one as likely as any other) the thrashing signal still fires and demotion only costs hits; capped at
-    2x the mean gap ghost lost up to 2.1 points to LRU there, at 0.5x at most 0.9, for about half its gain
-    at small capacities (bench/results/replay_hit_rate.md). Demoting every newcomer would freeze the kept
-    set, so every ``admit_every``-th branch leaf pushed is ranked as protected instead, but only while few
-    evictions (moving average below ``admit_below``) have to take protected leaves, i.e. while the kept
-    set has room. Deterministic (a counter, no hashing or randomness); O(1) per hook besides the heap.
+    that matters), and it stays within [0, trust * max_scale * that average], so abandoned conversations
+    still age out. Demoting every newcomer would freeze the kept set, so every ``admit_every``-th branch
+    leaf pushed is ranked as protected instead, but only while few evictions (moving average below
+    ``admit_below``) have to take protected leaves, i.e. while the kept set has room.
+
+    ``trust`` in [0, 1] guards the whole scheme with a measurement: a sampled shadow LRU
+    (cachemgr.cache.shadow) computes, on the very same requests, what plain LRU would have hit. Every
+    ``window_pages`` sampled pages the policy's own hits on those pages are compared with the shadow's:
+    behind by more than ``tolerance`` (a share of the window), trust drops by ``trust_down``; otherwise
+    it grows by ``trust_up``. Where conversations come back at random (bench.traces_revisit: every live one
+    as likely as any other) the thrashing signal still fires but demotion only costs hits; the shadow sees
+    the loss and trust falls towards 0, i.e. towards LRU. Where demotion pays, trust climbs and the bound
+    rises to max_scale (3) times the mean gap. The unguarded bound had to be 0.5x to stay within a point
+    of LRU on revisit traces; guarded, the 3x bound gains more at LRU-starved capacities and loses less on
+    those traces (bench/results/replay_hit_rate.md). Deterministic (counters and hash-based sampling, no
+    randomness); O(1) per hook besides the heap, plus the shadow's per-lease page hashes.
     """
 
     name = "ghost"
 
     def __init__(
-        self, step: float = 0.02, max_scale: float = 0.5, admit_every: int = 8, admit_below: float = 0.1
+        self,
+        step: float = 0.02,
+        max_scale: float = 3.0,
+        admit_every: int = 8,
+        admit_below: float = 0.1,
+        *,
+        trust: float = 1 / 6,
+        window_pages: int = 4096,
+        tolerance: float = 0.003,
+        trust_up: float = 0.0625,
+        trust_down: float = 0.25,
+        shadow_pages: int = 4096,
     ) -> None:
         if not (step > 0.0 and max_scale >= 0.0 and admit_every >= 1 and 0.0 <= admit_below <= 1.0):
             raise ValueError("need step > 0, max_scale >= 0, admit_every >= 1, 0 <= admit_below <= 1")
+        if not (0.0 <= trust <= 1.0 and window_pages >= 1 and tolerance >= 0.0 and shadow_pages >= 1):
+            raise ValueError("need 0 <= trust <= 1, window_pages >= 1, tolerance >= 0, shadow_pages >= 1")
+        if not (0.0 <= trust_up <= 1.0 and 0.0 <= trust_down <= 1.0):
+            raise ValueError("need trust_up and trust_down in [0, 1]")
         self.step = step
         self.max_scale = max_scale
+        self.trust = trust
+        self.window_pages = window_pages
+        self.tolerance = tolerance
+        self.trust_up = trust_up
+        self.trust_down = trust_down
+        self._shadow_pages = shadow_pages
+        self._shadow: ShadowLRU | None = None
+        self._seeds: dict[object, int] = {}  # namespace -> its page-hash seed
+        self._window = [0, 0, 0]  # sampled pages, shadow LRU hits, our hits (this window)
+        self.shadow_totals = [0, 0, 0]  # the same since start, for tools and tests
         self.demotion = 0.0
         self.admit_every = admit_every
         self.admit_below = admit_below
@@ -130,6 +167,31 @@ class GhostPolicy(EvictionPolicy):
     def attach(self, num_pages: int, page_size: int) -> None:
         self._ghost_limit = num_pages
         self._page_bytes = 4 * page_size
+        self._shadow = ShadowLRU(num_pages, page_size, self._shadow_pages)
+
+    def on_lease(self, end: TreeNode, token_bytes: bytes) -> None:
+        shadow = self._shadow
+        if shadow is None:
+            return
+        namespace = end.namespace
+        seed = self._seeds.get(namespace)
+        if seed is None:
+            seed = self._seeds[namespace] = namespace_seed(namespace.model, namespace.salt)
+        sampled, lru_hits, our_hits = shadow.access(seed, np.frombuffer(token_bytes, "<i4"), end.end_pages)
+        window, totals = self._window, self.shadow_totals
+        window[0] += sampled
+        window[1] += lru_hits
+        window[2] += our_hits
+        totals[0] += sampled
+        totals[1] += lru_hits
+        totals[2] += our_hits
+        if window[0] >= self.window_pages:
+            if window[2] - window[1] < -self.tolerance * window[0]:
+                self.trust = max(0.0, self.trust - self.trust_down)
+            else:
+                self.trust = min(1.0, self.trust + self.trust_up)
+            window[:] = [0, 0, 0]
+            self.demotion = min(self.demotion, self.trust * self.max_scale * self._gap)
 
     def on_insert(self, node: TreeNode, now: int) -> None:
         self._now = now
@@ -184,7 +246,8 @@ class GhostPolicy(EvictionPolicy):
         self._gap = gap if self._gap == 0.0 else 0.98 * self._gap + 0.02 * gap
         if protected or gap >= self._protected_age:
             self.ghost_hits[2 if protected else 1] += 1
-            self.demotion = min(self.max_scale * self._gap, self.demotion + self.step * self._gap)
+            bound = self.trust * self.max_scale * self._gap
+            self.demotion = min(bound, self.demotion + self.step * self._gap)
         else:
             self.ghost_hits[0] += 1
             self.demotion = max(0.0, self.demotion - self.step * self._gap)

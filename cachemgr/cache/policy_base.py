@@ -39,6 +39,11 @@ class EvictionPolicy(ABC):
         ``token_bytes`` (whole pages) goes on: the page at ``end.end_pages`` was missing. Called after
         ``on_use``, only when something was missing and only if the policy overrides it."""
 
+    def on_lease(self, end: TreeNode, token_bytes: bytes) -> None:  # noqa: B027 - optional hook
+        """A lease locked up to ``end`` (a namespace root when nothing matched) for a prompt whose full
+        pages are ``token_bytes``; every lease, after ``on_use`` and ``on_miss``. Called only if the
+        policy overrides it."""
+
     @abstractmethod
     def priority(self, node: TreeNode) -> float:
         """Eviction key of an evictable leaf now; lower is evicted first."""

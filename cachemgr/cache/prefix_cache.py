@@ -72,6 +72,8 @@ class PrefixCache:
         self._evict_tail_hook = self.policy.on_evict_tail if overridden else None
         overridden = type(self.policy).on_miss is not EvictionPolicy.on_miss
         self._miss_hook = self.policy.on_miss if overridden else None
+        overridden = type(self.policy).on_lease is not EvictionPolicy.on_lease
+        self._lease_hook = self.policy.on_lease if overridden else None
         self.policy.attach(num_pages, page_size)
         self._alloc = PageAllocator(num_pages)
         self._roots: dict[Namespace, TreeNode] = {}
@@ -198,6 +200,8 @@ class PrefixCache:
         end = path[-1] if path else root
         if self._miss_hook is not None and num_full > end.end_pages:
             self._miss_hook(end, tb)
+        if self._lease_hook is not None:
+            self._lease_hook(end, tb)
         if prefix_ids is None:
             prefix_ids = np.concatenate([n.page_ids for n in path]) if path else _EMPTY
         lease_id = self._next_lease_id
