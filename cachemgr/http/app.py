@@ -17,12 +17,15 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
+import msgspec
 import numpy as np
 from aiohttp import web
 
 from cachemgr.cache import Namespace
+from cachemgr.daemon.stream import RequestStream
 from cachemgr.http.auth import AccessPolicy
 from cachemgr.http.body import decode_body
 from cachemgr.http.errors import APIError, bad_request, internal_error, model_not_found
@@ -30,6 +33,7 @@ from cachemgr.http.generate import Generation, respond, submit
 from cachemgr.http.parse import CommonParams, parse_chat, parse_completion
 from cachemgr.http.shapes import ResponseShape
 from cachemgr.http.tokens import TokenizerAdapter
+from shared.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +131,31 @@ class _Api:
             include_usage=params.include_usage,
         )
         namespace = self.daemon_namespace(request[API_KEY], params.cache_salt)
-        stream = await submit(self.daemon, namespace, gen, request_id)
-        return await respond(request, stream, gen, self.tokenizer.detokenizer(token_ids))
+        streams: list[RequestStream] = []
+        try:
+            for i in range(params.n):
+                # The n choices share the prompt: the first computes its pages, the others wait for them.
+                choice = gen if i == 0 else replace(gen, sampling=_choice_sampling(gen.sampling, i))
+                streams.append(
+                    await submit(self.daemon, namespace, choice, request_id if i == 0 else uuid.uuid4().bytes)
+                )
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        detokenizers = [self.tokenizer.detokenizer(token_ids) for _ in streams]
+        return await respond(request, streams, gen, detokenizers)
 
     def daemon_namespace(self, api_key: str | None, client_salt: str) -> Namespace:
         return Namespace(model=self.model_name, salt=self.access.cache_salt(api_key, client_salt))
+
+
+def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice ``index`` of a seeded request samples with seed + index (wrapped to int64): n different
+    answers, each reproducible. Unseeded choices get independent seeds from their workers."""
+    if sampling.seed is None:
+        return sampling
+    return msgspec.structs.replace(sampling, seed=(sampling.seed + index + 2**63) % 2**64 - 2**63)
 
 
 async def _json_body(request: web.Request) -> Any:

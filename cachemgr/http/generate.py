@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,34 +88,76 @@ async def _pieces(
 
 
 async def respond(
-    request: web.Request, stream: RequestStream, gen: Generation, detokenizer: Detokenizer
+    request: web.Request,
+    streams: Sequence[RequestStream],
+    gen: Generation,
+    detokenizers: Sequence[Detokenizer],
 ) -> web.StreamResponse:
-    """Produce the HTTP response for a submitted request. Always leaves the daemon's request finished or
-    aborted, whatever happens to the client connection."""
-    assembler = TextAssembler(detokenizer, gen.sampling.stop)
-    counter = [0]
-    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, stream))
+    """Produce the HTTP response for submitted requests, one per choice (``n``). Always leaves every
+    daemon request finished or aborted, whatever happens to the client connection."""
+    counters = [[0] for _ in streams]
+    pieces = [
+        _pieces(stream, TextAssembler(detok, gen.sampling.stop), counter)
+        for stream, detok, counter in zip(streams, detokenizers, counters, strict=True)
+    ]
+    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, streams))
     try:
         if gen.stream:
-            return await _respond_stream(request, stream, gen, _pieces(stream, assembler, counter), counter)
-        texts: list[str] = []
-        finish = FinishReason.STOP.value
-        async for piece in _pieces(stream, assembler, counter):
-            texts.append(piece.text)
-            finish = piece.finish_reason or finish
-        body = gen.shape.full("".join(texts), finish, _usage(stream, counter[0]))
+            return await _respond_stream(request, streams, gen, pieces, counters)
+        choices: list[tuple[list[str], str]] = [([], FinishReason.STOP.value) for _ in streams]
+        async for i, piece in _merged(pieces):
+            choices[i][0].append(piece.text)
+            if piece.finish_reason is not None:
+                choices[i] = (choices[i][0], piece.finish_reason)
+        body = gen.shape.full([("".join(t), f) for t, f in choices], _usage(streams, counters))
         return web.json_response(body)
     finally:
         watcher.cancel()
-        stream.abort()  # no-op when the request already finished
+        for stream in streams:
+            stream.abort()  # no-op when the request already finished
+
+
+async def _merged(pieces: Sequence[AsyncIterator[_Piece]]) -> AsyncIterator[tuple[int, _Piece]]:
+    """(choice index, piece) from every choice's pieces as they come. One choice is iterated directly
+    (no task between the daemon and the client); several are pumped by one task each. The first
+    APIError of any choice is raised here, and the other pumps are cancelled."""
+    if len(pieces) == 1:
+        async for piece in pieces[0]:
+            yield 0, piece
+        return
+    queue: asyncio.Queue[tuple[int, _Piece | None, Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int, source: AsyncIterator[_Piece]) -> None:
+        try:
+            async for piece in source:
+                queue.put_nowait((i, piece, None))
+        except Exception as exc:  # APIError from _pieces: handed to the consumer
+            queue.put_nowait((i, None, exc))
+            return
+        queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, source)) for i, source in enumerate(pieces)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, piece, error = await queue.get()
+            if error is not None:
+                raise error
+            if piece is None:
+                remaining -= 1
+                continue
+            yield i, piece
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _respond_stream(
     request: web.Request,
-    stream: RequestStream,
+    streams: Sequence[RequestStream],
     gen: Generation,
-    pieces: AsyncIterator[_Piece],
-    counter: list[int],
+    pieces: Sequence[AsyncIterator[_Piece]],
+    counters: list[list[int]],
 ) -> web.StreamResponse:
     shape = gen.shape
     response = web.StreamResponse(
@@ -125,40 +167,49 @@ async def _respond_stream(
     with_usage = gen.include_usage
     try:
         if shape.chat:
-            await response.write(sse_event(shape.chunk("", None, first=True, with_usage=with_usage)))
+            for i in range(len(streams)):
+                chunk = shape.chunk("", None, index=i, first=True, with_usage=with_usage)
+                await response.write(sse_event(chunk))
         try:
-            async for piece in pieces:
+            async for i, piece in _merged(pieces):
                 if piece.text:
-                    await response.write(sse_event(shape.chunk(piece.text, None, with_usage=with_usage)))
-                if piece.finish_reason is not None:
                     await response.write(
-                        sse_event(shape.chunk("", piece.finish_reason, with_usage=with_usage))
+                        sse_event(shape.chunk(piece.text, None, index=i, with_usage=with_usage))
                     )
+                if piece.finish_reason is not None:
+                    chunk = shape.chunk("", piece.finish_reason, index=i, with_usage=with_usage)
+                    await response.write(sse_event(chunk))
         except APIError as exc:
             # Headers are gone already: report the failure in-band, the way OpenAI streams errors.
             await response.write(sse_event(exc.body()))
         else:
             if with_usage:
-                await response.write(sse_event(shape.usage_chunk(_usage(stream, counter[0]))))
+                await response.write(sse_event(shape.usage_chunk(_usage(streams, counters))))
         await response.write(SSE_DONE)
         await response.write_eof()
     except (ConnectionResetError, asyncio.CancelledError):
-        stream.abort()
+        for stream in streams:
+            stream.abort()
         raise
     return response
 
 
-def _usage(stream: RequestStream, completion_tokens: int) -> dict[str, int | dict[str, int]]:
-    return usage(stream.prompt_len, completion_tokens, stream.cached_tokens)
+def _usage(streams: Sequence[RequestStream], counters: list[list[int]]) -> dict[str, int | dict[str, int]]:
+    """The prompt counted once (as OpenAI does for n > 1), the completions of every choice, and the
+    cached prompt tokens of the first choice: what the cache held before this request (the other choices
+    reuse the first one's pages as it computes them)."""
+    first = streams[0]
+    return usage(first.prompt_len, sum(c[0] for c in counters), first.cached_tokens)
 
 
-async def _watch_disconnect(request: web.Request, stream: RequestStream) -> None:
-    """Abort the request as soon as the client's connection closes, even while no token is due (a
+async def _watch_disconnect(request: web.Request, streams: Sequence[RequestStream]) -> None:
+    """Abort the requests as soon as the client's connection closes, even while no token is due (a
     request queued for pages, or a non-streamed one) — a stream write alone would notice only later."""
     with contextlib.suppress(asyncio.CancelledError):
-        while not stream.finished:
+        while not all(stream.finished for stream in streams):
             transport = request.transport
             if transport is None or transport.is_closing():
-                stream.abort()
+                for stream in streams:
+                    stream.abort()
                 return
             await asyncio.sleep(DISCONNECT_POLL_S)

@@ -1,7 +1,7 @@
 """Request bodies of /v1/completions and /v1/chat/completions -> validated, immutable requests.
 
-Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (n > 1, logprobs, echo,
-tools) are refused with a 400 naming the field, rather than silently answered differently.
+Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (best_of > 1, logprobs,
+echo, tools) are refused with a 400 naming the field, rather than silently answered differently.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from cachemgr.http.errors import bad_request
 from shared.protocol import SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n: each choice is a request of its own on the workers
 MAX_CACHE_SALT_CHARS = 256
 MAX_TOKEN_ID_PROMPT = 1 << 20  # longer than any context we serve; refused before touching the daemon
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -37,6 +38,7 @@ class CommonParams:
     include_usage: bool
     cache_salt: str
     user: str | None
+    n: int = 1
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """SamplingParams for the daemon. Raises APIError 400 for out-of-range values."""
@@ -102,8 +104,6 @@ def _require_object(body: Any) -> None:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    if body.get("n") not in (None, 1):
-        raise bad_request("Only n=1 is supported.", param="n")
     if body.get("best_of") not in (None, 1):
         raise bad_request("Only best_of=1 is supported.", param="best_of")
     if body.get("logprobs") not in (None, False, 0):
@@ -185,7 +185,17 @@ def _common(body: dict[str, Any], max_field: str) -> CommonParams:
         include_usage=stream and include_usage,
         cache_salt=_cache_salt(body),
         user=_opt(body, "user", str, None),
+        n=_choices(body),
     )
+
+
+def _choices(body: dict[str, Any]) -> int:
+    n = _opt_int(body, "n")
+    if n is None:
+        return 1
+    if not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"n must be between 1 and {MAX_CHOICES}", param="n")
+    return n
 
 
 def _cache_salt(body: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ creation time and model, so every chunk of a stream repeats them like OpenAI doe
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,42 +40,53 @@ class ResponseShape:
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str, usage_body: dict[str, Any]) -> dict[str, Any]:
-        """The whole (non-streamed) response."""
+    def full(self, choices: Sequence[tuple[str, str]], usage_body: dict[str, Any]) -> dict[str, Any]:
+        """The whole (non-streamed) response: one choice per (text, finish_reason), in index order."""
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
             body = self._head("chat.completion")
+            body["choices"] = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+                for i, (text, finish_reason) in enumerate(choices)
+            ]
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             body = self._head("text_completion")
-        body["choices"] = [choice]
+            body["choices"] = [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                for i, (text, finish_reason) in enumerate(choices)
+            ]
         body["usage"] = usage_body
         body["system_fingerprint"] = None
         return body
 
     def chunk(
-        self, text: str, finish_reason: str | None, *, first: bool = False, with_usage: bool = False
+        self,
+        text: str,
+        finish_reason: str | None,
+        *,
+        index: int = 0,
+        first: bool = False,
+        with_usage: bool = False,
     ) -> dict[str, Any]:
-        """One streamed chunk. The first chat chunk carries the assistant role; with include_usage every
-        chunk has "usage": null until the final usage-only chunk."""
+        """One streamed chunk of choice ``index``. The first chat chunk of a choice carries the assistant
+        role; with include_usage every chunk has "usage": null until the final usage-only chunk."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             if finish_reason is not None and not text:
                 delta = {}
             choice: dict[str, Any] = {
-                "index": 0,
+                "index": index,
                 "delta": delta,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
             body = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
             body = self._head("text_completion")
         body["choices"] = [choice]
         body["system_fingerprint"] = None

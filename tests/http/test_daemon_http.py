@@ -129,6 +129,25 @@ async def test_serving_with_cache_hits(served: tuple[Daemon, TestClient]) -> Non
 
 
 @MODULE_LOOP
+async def test_choices_share_the_prompt_pages(served: tuple[Daemon, TestClient]) -> None:
+    """n = 3: three requests on the daemon; the first computes the prompt's full pages, the other two wait
+    for them and reuse them, and every choice is a complete answer."""
+    daemon, client = served
+    prompt = list(range(300, 340))  # 40 tokens: 2 full pages
+    before = daemon.stats()["requests_finished"]
+    hits_before = daemon.cache.stats().tokens_hit
+    body = await _complete(client, prompt, n=3)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert {c["text"] for c in body["choices"]} == {_text(expected_output(prompt, 5))}
+    assert body["usage"]["prompt_tokens"] == 40 and body["usage"]["completion_tokens"] == 15
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # nothing was cached before
+    assert daemon.stats()["requests_finished"] == before + 3
+    assert daemon.cache.stats().tokens_hit - hits_before >= 2 * 32  # both followers reused the 2 pages
+    again = await _complete(client, prompt)  # the pages are in the tree now
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+
+
+@MODULE_LOOP
 async def test_cache_salt_isolates_tenants(served: tuple[Daemon, TestClient]) -> None:
     _, client = served
     prompt = list(range(100, 140))

@@ -1,0 +1,109 @@
+"""n > 1: one request per choice on the daemon, one response with a choice per index."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from cachemgr.daemon.errors import Overloaded
+from tests.http.doubles import ScriptedDaemon
+from tests.http.test_app import MODEL, _client, _sse
+
+
+@pytest.fixture
+def daemon() -> ScriptedDaemon:
+    return ScriptedDaemon()
+
+
+@pytest.fixture
+async def client(daemon: ScriptedDaemon) -> AsyncIterator[TestClient]:
+    c = await _client(daemon)
+    yield c
+    await c.close()
+
+
+async def test_completion_choices_not_streamed(client: TestClient, daemon: ScriptedDaemon) -> None:
+    daemon.cached_tokens = 2
+    r = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "Say hi", "n": 3, "seed": 40, "max_tokens": 4}
+    )
+    assert r.status == 200
+    body = await r.json()
+    assert body["choices"] == [
+        {"index": i, "text": "Hell", "logprobs": None, "finish_reason": "length"} for i in range(3)
+    ]
+    # The prompt once, every choice's completion, the cache as the first choice found it.
+    assert body["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 12,
+        "total_tokens": 18,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
+    assert [s.sampling.seed for s in daemon.submitted] == [40, 41, 42]  # n different, reproducible draws
+    assert all(s.token_ids == list(b"Say hi") for s in daemon.submitted)
+    assert len({s.stream.request_id for s in daemon.submitted}) == 3
+
+
+async def test_unseeded_choices_stay_unseeded(client: TestClient, daemon: ScriptedDaemon) -> None:
+    await client.post("/v1/completions", json={"prompt": "x", "n": 2})
+    assert [s.sampling.seed for s in daemon.submitted] == [None, None]
+    await client.post("/v1/completions", json={"prompt": "x", "n": 2, "seed": 2**63 - 1})
+    assert [s.sampling.seed for s in daemon.submitted[2:]] == [2**63 - 1, -(2**63)]  # wraps within int64
+
+
+async def test_chat_choices_streamed(client: TestClient, daemon: ScriptedDaemon) -> None:
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "n": 2,
+            "stream": True,
+            "max_tokens": 5,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    events = _sse(await r.text())
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+    assert len({c["id"] for c in events[:-1]}) == 1
+    # Both choices open with the assistant role, then each streams its own deltas to its own finish.
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert [c["choices"][0]["index"] for c in chunks[:2]] == [0, 1]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks[2:] if c["choices"][0]["index"] == index]
+        assert "".join(c["delta"].get("content", "") for c in mine) == "Hello"
+        assert [c["finish_reason"] for c in mine][-1] == "length"
+
+
+async def test_disconnect_aborts_every_choice(client: TestClient, daemon: ScriptedDaemon) -> None:
+    daemon.hold = True
+    r = await client.post("/v1/completions", json={"prompt": "x", "stream": True, "n": 3})
+    assert (await r.content.readuntil(b"\n\n")).startswith(b"data: ")
+    r.close()
+    for _ in range(100):
+        if len(daemon.aborted) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(daemon.aborted) == sorted(s.stream.request_id for s in daemon.submitted)
+
+
+async def test_a_refused_choice_aborts_the_ones_already_submitted(daemon: ScriptedDaemon) -> None:
+    class RefusesThird(ScriptedDaemon):
+        async def submit(self, ns, token_ids, sampling, *, request_id=None):  # type: ignore[no-untyped-def]
+            if len(self.submitted) == 2:
+                raise Overloaded("queue full")
+            return await super().submit(ns, token_ids, sampling, request_id=request_id)
+
+    refusing = RefusesThird()
+    c = await _client(refusing)
+    try:
+        r = await c.post("/v1/completions", json={"prompt": "x", "n": 3})
+        assert r.status == 503
+        assert sorted(refusing.aborted) == sorted(s.stream.request_id for s in refusing.submitted)
+        assert len(refusing.submitted) == 2
+    finally:
+        await c.close()
