@@ -111,7 +111,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
 
 
 def _prompt(value: Any) -> str | tuple[int, ...] | np.ndarray:
-    # OpenAI accepts a batch (list of prompts); we serve one prompt per request (n=1), so a batch of one
+    # OpenAI accepts a batch (list of prompts); we serve one prompt per request, so a batch of one
     # is unwrapped and a larger batch is refused.
     if isinstance(value, np.ndarray):  # already a flat, non-empty array of integers (body.py)
         if len(value) > MAX_TOKEN_ID_PROMPT:
