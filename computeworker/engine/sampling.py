@@ -5,8 +5,8 @@ by the row's temperature, softmax, top-k then top-p applied in sorted order (the
 likely tokens whose probability reaches top_p; the token that crosses the threshold is kept; ties in
 value go to the lower token id), the cumulative distribution, and one uniform number per row located in
 it. Every row of a step runs through the same few batched kernels and the step ends in one device sync,
-whatever the mix of parameters (a per-row loop costs a softmax, a draw and a sync per row: ~25 ms per
-step at 256 rows on an H100).
+whatever the mix of parameters (a per-row loop costs a softmax, a draw and a sync per row: 42-58 ms per
+step at 256 rows on an H200, bench/results/gpu_notes.md runs 33 and 35).
 
 The uniform number comes from a counter-based stream: ``uniform(seed, step)`` hashes the request's seed
 and the number of tokens it has sampled before. A request's draws therefore depend on its own logits,
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shared.protocol import SamplingParams
@@ -37,19 +38,28 @@ class RowSampling:
     step: int = 0
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of every element (uint64 arrays wrap modulo 2**64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seeds: Sequence[int], steps: Sequence[int]) -> np.ndarray:
+    """The streams' numbers: element i is draw ``steps[i]`` of the request seeded ``seeds[i]``, in [0, 1)
+    with 53 random bits (float64). Any Python int is a valid seed (reduced modulo 2**64); steps must be
+    >= 0. One numpy pass for the whole batch."""
+    if any(step < 0 for step in steps):
+        raise ValueError(f"steps must be >= 0, got {min(steps)}")
+    mixed = _splitmix64(np.array([seed & _MASK64 for seed in seeds], dtype=np.uint64))
+    bits = _splitmix64(mixed ^ np.array(steps, dtype=np.uint64)) >> np.uint64(11)
+    return bits.astype(np.float64) * 2.0**-53
 
 
 def uniform(seed: int, step: int) -> float:
-    """The stream's number for draw ``step`` of a request seeded ``seed``: in [0, 1), 53 random bits.
-    Any Python int is a valid seed (reduced modulo 2**64); step must be >= 0."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return (_splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 11) * 2.0**-53
+    """`uniforms` for one draw."""
+    return float(uniforms([seed], [step])[0])
 
 
 def top_k_top_p_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -112,10 +122,10 @@ CANDIDATE_MIN_ROWS = 128
 
 
 def _truncated_tokens(
-    scaled: torch.Tensor, top_k: list[int], top_p: list[float], uniforms: torch.Tensor
+    scaled: torch.Tensor, top_k: list[int], top_p: list[float], draws: torch.Tensor
 ) -> torch.Tensor:
-    """One token per row of scaled logits [R, V] under top-k / top-p: the same draw as the full stable
-    sort (`_sorted_keep`) gives for these uniforms."""
+    """One token per row of scaled logits [R, V] under top-k / top-p: the same token as the full stable
+    sort (`_sorted_keep`) gives for these uniform draws [R]."""
     device = scaled.device
     vocab = scaled.shape[-1]
     k_t = torch.tensor(top_k, device=device)
@@ -123,7 +133,7 @@ def _truncated_tokens(
     width = min(vocab, CANDIDATES)
     if width == vocab or len(top_k) < CANDIDATE_MIN_ROWS or any(k >= width for k in top_k):
         order, probs, _ = _sorted_keep(scaled, k_t, p_t)
-        return order.gather(1, _draw(torch.cumsum(probs, dim=-1), uniforms)[:, None]).squeeze(1)
+        return order.gather(1, _draw(torch.cumsum(probs, dim=-1), draws)[:, None]).squeeze(1)
     values, ids = torch.topk(scaled, width, dim=-1, sorted=False)
     by_id = torch.argsort(ids, dim=-1)  # then a stable sort by value leaves ties in id order
     values, ids = values.gather(1, by_id), ids.gather(1, by_id)
@@ -134,20 +144,20 @@ def _truncated_tokens(
     # likely is a candidate, in the full sort's order.
     last_kept = values.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0))
     exact = (last_kept > values[:, -1:]).squeeze(1)
-    tokens = ids.gather(1, _draw(torch.cumsum(probs, dim=-1), uniforms)[:, None]).squeeze(1)
+    tokens = ids.gather(1, _draw(torch.cumsum(probs, dim=-1), draws)[:, None]).squeeze(1)
     if not bool(exact.all()):
         redo = torch.nonzero(~exact).squeeze(1)
         order, full, _ = _sorted_keep(scaled.index_select(0, redo), k_t[redo], p_t[redo])
-        at = _draw(torch.cumsum(full, dim=-1), uniforms.index_select(0, redo))
+        at = _draw(torch.cumsum(full, dim=-1), draws.index_select(0, redo))
         tokens[redo] = order.gather(1, at[:, None]).squeeze(1)
     return tokens
 
 
-def _draw(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Index [R] where each row's uniform lands in its unnormalised CDF [R, V] (float64): the first
+def _draw(cdf: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Index [R] where each row's uniform draw lands in its unnormalised CDF [R, V] (float64): the first
     position whose CDF exceeds u * total, never a position of zero probability."""
     total = cdf[:, -1:].contiguous()
-    idx = torch.searchsorted(cdf, uniforms[:, None] * total, right=True)
+    idx = torch.searchsorted(cdf, draws[:, None] * total, right=True)
     # u * total can round up to total: the last position that adds probability is the cap.
     last = torch.searchsorted(cdf, total, right=False)
     return torch.minimum(idx, last).squeeze(1)
@@ -166,15 +176,15 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
     index = torch.tensor(random_rows, device=device)
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     scaled = logits.index_select(0, index).float() / temperature[:, None]
-    uniforms = torch.tensor(
-        [uniform(rows[i].seed, rows[i].step) for i in random_rows], dtype=torch.float64, device=device
-    )
+    draws = torch.from_numpy(
+        uniforms([rows[i].seed for i in random_rows], [rows[i].step for i in random_rows])
+    ).to(device)
     truncated = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
     untruncated = [j for j, p in enumerate(params) if not (p.top_k > 0 or p.top_p < 1.0)]
     if untruncated:  # temperature alone: no sort needed
         plain = torch.tensor(untruncated, device=device)
         probs = torch.softmax(scaled.index_select(0, plain).double(), dim=-1)
-        picked = _draw(torch.cumsum(probs, dim=-1), uniforms.index_select(0, plain))
+        picked = _draw(torch.cumsum(probs, dim=-1), draws.index_select(0, plain))
         tokens[index.index_select(0, plain)] = picked
     if truncated:
         trunc = torch.tensor(truncated, device=device)
@@ -182,6 +192,6 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
             scaled.index_select(0, trunc),
             [params[j].top_k for j in truncated],
             [params[j].top_p for j in truncated],
-            uniforms.index_select(0, trunc),
+            draws.index_select(0, trunc),
         )
     return tokens.tolist()

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from computeworker.engine import sampling
-from computeworker.engine.sampling import RowSampling, _draw, sample_batch, top_k_top_p_mask, uniform
+from computeworker.engine.sampling import (
+    RowSampling,
+    _draw,
+    sample_batch,
+    top_k_top_p_mask,
+    uniform,
+    uniforms,
+)
 from shared.protocol import SamplingParams
 
 
@@ -129,7 +136,19 @@ def test_low_temperature_approaches_greedy_and_high_flattens() -> None:
     }
 
 
+def _splitmix64(x: int) -> int:  # the reference, in Python's exact integers
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
 def test_uniform_stream() -> None:
+    for seed, step in ((0, 0), (42, 7), (-5, 3), (2**70 + 9, 12345)):
+        want = (_splitmix64(_splitmix64(seed & ((1 << 64) - 1)) ^ step) >> 11) * 2.0**-53
+        assert uniform(seed, step) == want  # numpy's wrapping uint64 arithmetic is splitmix64 exactly
+    assert uniforms([1, 2, 1], [0, 0, 5]).tolist() == [uniform(1, 0), uniform(2, 0), uniform(1, 5)]
     values = [uniform(42, step) for step in range(1000)]
     assert all(0.0 <= v < 1.0 for v in values)
     assert len(set(values)) == 1000
