@@ -5,11 +5,16 @@ through the real RequestStream with a scripted output. End-to-end tests use the 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
 
 from cachemgr.daemon.errors import RequestFailed
 from cachemgr.daemon.stream import RequestStream, StreamEvent
+from cachemgr.http import build_http_app
 from shared.detokenizer import IncrementalDetokenizer
 from shared.protocol import FinishReason, SamplingParams
 
@@ -104,6 +109,25 @@ class ScriptedDaemon:
             return
         reason = FinishReason.LENGTH if len(out) == sampling.max_tokens < len(self.output) else self.finish
         stream._push(StreamEvent([], reason))
+
+
+MODEL = "tiny-model"
+
+
+async def start_client(daemon: ScriptedDaemon, **kwargs: Any) -> TestClient:
+    """The real HTTP app on a test server, over `daemon` and the byte tokenizer (kwargs: the app's)."""
+    app = build_http_app(daemon, ByteTokenizer(), model_name=MODEL, metrics=StaticMetrics(), **kwargs)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+def sse_events(body: str) -> list[Any]:
+    """A server-sent-events body as its JSON payloads, "[DONE]" kept as the string."""
+    assert body.endswith("\n\n")
+    events = body[:-2].split("\n\n")
+    assert all(e.startswith("data: ") for e in events)
+    return [e[6:] if e == "data: [DONE]" else json.loads(e[6:]) for e in events]
 
 
 class StaticMetrics:

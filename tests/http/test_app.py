@@ -3,47 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from cachemgr.cache import Namespace
 from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge
-from cachemgr.http import build_http_app
 from cachemgr.http.auth import derive_key_salt
 from shared.protocol import SamplingParams
-from tests.http.doubles import ByteTokenizer, ScriptedDaemon, StaticMetrics
-
-MODEL = "tiny-model"
-
-
-async def _client(daemon: ScriptedDaemon, **kwargs: Any) -> TestClient:
-    app = build_http_app(daemon, ByteTokenizer(), model_name=MODEL, metrics=StaticMetrics(), **kwargs)
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    return client
-
-
-@pytest.fixture
-def daemon() -> ScriptedDaemon:
-    return ScriptedDaemon()
-
-
-@pytest.fixture
-async def client(daemon: ScriptedDaemon) -> AsyncIterator[TestClient]:
-    c = await _client(daemon)
-    yield c
-    await c.close()
-
-
-def _sse(body: str) -> list[Any]:
-    assert body.endswith("\n\n")
-    events = body[:-2].split("\n\n")
-    assert all(e.startswith("data: ") for e in events)
-    return [e[6:] if e == "data: [DONE]" else json.loads(e[6:]) for e in events]
+from tests.http.doubles import MODEL, ScriptedDaemon, sse_events, start_client
 
 
 async def test_health_and_models_and_metrics(client: TestClient, daemon: ScriptedDaemon) -> None:
@@ -112,7 +81,7 @@ async def test_completion_stream_with_usage(client: TestClient, daemon: Scripted
         "/v1/completions", json={"prompt": "x", "stream": True, "stream_options": {"include_usage": True}}
     )
     assert r.headers["Content-Type"] == "text/event-stream"
-    events = _sse(await r.text())
+    events = sse_events(await r.text())
     assert events[-1] == "[DONE]"
     ids = {e["id"] for e in events[:-1]}
     assert len(ids) == 1
@@ -133,7 +102,7 @@ async def test_chat_stream_shapes(client: TestClient, daemon: ScriptedDaemon) ->
     r = await client.post(
         "/v1/chat/completions", json={"messages": messages, "stream": True, "max_tokens": 5}
     )
-    events = _sse(await r.text())
+    events = sse_events(await r.text())
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
@@ -164,7 +133,7 @@ async def test_chat_not_streamed_and_default_max_tokens(client: TestClient, daem
 async def test_stop_string_trimmed_and_request_stopped(client: TestClient, daemon: ScriptedDaemon) -> None:
     daemon.hold = True  # the worker would go on: the API must cut the text and abort it
     r = await client.post("/v1/completions", json={"prompt": "x", "stop": ["o w"], "stream": True})
-    events = _sse(await r.text())
+    events = sse_events(await r.text())
     got = [(e["choices"][0]["text"], e["choices"][0]["finish_reason"]) for e in events[:-1]]
     assert got == [("Hel", None), ("l", None), ("", "stop")]
     assert daemon.aborted == [daemon.submitted[0].stream.request_id]
@@ -174,7 +143,7 @@ async def test_multibyte_text_split_across_frames(client: TestClient, daemon: Sc
     daemon.output = list("héllo ✓".encode())
     daemon.frame = 1
     r = await client.post("/v1/completions", json={"prompt": "x", "stream": True, "max_tokens": 100})
-    events = _sse(await r.text())
+    events = sse_events(await r.text())
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "héllo ✓"
     assert all("\ufffd" not in e["choices"][0]["text"] for e in events[:-1])
 
@@ -182,7 +151,7 @@ async def test_multibyte_text_split_across_frames(client: TestClient, daemon: Sc
 async def test_failure_mid_stream_is_reported_in_band(client: TestClient, daemon: ScriptedDaemon) -> None:
     daemon.fail_after = 1
     r = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
-    events = _sse(await r.text())
+    events = sse_events(await r.text())
     assert events[0]["choices"][0]["text"] == "Hel"
     assert events[1] == {
         "error": {
@@ -288,7 +257,7 @@ async def test_daemon_refusals(
 
 
 async def test_request_too_large_is_413() -> None:
-    c = await _client(ScriptedDaemon(), max_request_bytes=2048)
+    c = await start_client(ScriptedDaemon(), max_request_bytes=2048)
     try:
         r = await c.post("/v1/completions", json={"prompt": "x" * 4096})
         assert (r.status, (await r.json())["error"]["code"]) == (413, "request_too_large")
@@ -298,7 +267,7 @@ async def test_request_too_large_is_413() -> None:
 
 async def test_api_keys_and_salts() -> None:
     daemon = ScriptedDaemon()
-    c = await _client(daemon, api_keys=frozenset({"ka", "kb"}), salt_from_api_key=True)
+    c = await start_client(daemon, api_keys=frozenset({"ka", "kb"}), salt_from_api_key=True)
     try:
         r = await c.post("/v1/completions", json={"prompt": "x"})
         assert await _status_body(r) == _err(

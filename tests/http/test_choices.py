@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
 from aiohttp.test_utils import TestClient
 
 from cachemgr.daemon.errors import Overloaded
-from tests.http.doubles import ScriptedDaemon
-from tests.http.test_app import MODEL, _client, _sse
-
-
-@pytest.fixture
-def daemon() -> ScriptedDaemon:
-    return ScriptedDaemon()
-
-
-@pytest.fixture
-async def client(daemon: ScriptedDaemon) -> AsyncIterator[TestClient]:
-    c = await _client(daemon)
-    yield c
-    await c.close()
+from tests.http.doubles import MODEL, ScriptedDaemon, sse_events, start_client
 
 
 async def test_completion_choices_not_streamed(client: TestClient, daemon: ScriptedDaemon) -> None:
@@ -65,7 +50,7 @@ async def test_chat_choices_streamed(client: TestClient, daemon: ScriptedDaemon)
             "stream_options": {"include_usage": True},
         },
     )
-    events = _sse(await r.text())
+    events = sse_events(await r.text())
     assert events[-1] == "[DONE]"
     chunks, usage = events[:-2], events[-2]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
@@ -99,7 +84,7 @@ async def test_a_refused_choice_aborts_the_ones_already_submitted(daemon: Script
             return await super().submit(ns, token_ids, sampling, request_id=request_id)
 
     refusing = RefusesThird()
-    c = await _client(refusing)
+    c = await start_client(refusing)
     try:
         r = await c.post("/v1/completions", json={"prompt": "x", "n": 3})
         assert r.status == 503
