@@ -22,7 +22,7 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Dispatch.num_generated, Generated logprobs, SamplingParams.logprobs
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # anything larger is dropped unread
 
 
@@ -43,6 +43,9 @@ class FinishReason(enum.Enum):
     ABORT = "abort"  # the daemon aborted it (client gone) or an error
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+
+
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Decoding parameters (OpenAI semantics). temperature 0 means greedy."""
 
@@ -54,6 +57,9 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop: list[str] = []
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
+    logprobs: int = (
+        -1
+    )  # -1: none; k >= 0: each output token's log-probability and its k most likely alternatives
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message for out-of-range values."""
@@ -67,6 +73,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("top_k must be >= 0")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise ValueError("stop: at most 16 non-empty strings of at most 256 characters")
+        if not -1 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be -1 (off) or between 0 and {MAX_TOP_LOGPROBS}")
 
 
 class PoolDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -126,10 +134,16 @@ class PageRequest(msgspec.Struct, frozen=True, tag="page_request", forbid_unknow
 
 
 class Generated(msgspec.Struct, frozen=True, tag="generated", forbid_unknown_fields=True):
-    """New output tokens of one request (a few per frame: no per-token round trip is required)."""
+    """New output tokens of one request (a few per frame: no per-token round trip is required). When the
+    request asked for logprobs (k = SamplingParams.logprobs >= 0): ``logprobs`` is one float32 per token
+    (its log-probability under the model), ``top_ids`` / ``top_logprobs`` are k int32 / float32 per token
+    (the k most likely tokens at that position, most likely first); all little-endian."""
 
     request_id: bytes
     tokens: bytes
+    logprobs: bytes = b""
+    top_ids: bytes = b""
+    top_logprobs: bytes = b""
 
 
 class Finished(msgspec.Struct, frozen=True, tag="finished", forbid_unknown_fields=True):

@@ -12,6 +12,8 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+
 from cachemgr.daemon.errors import RequestFailed
 from cachemgr.daemon.scheduler import Scheduler
 from cachemgr.daemon.state import RequestState, WorkerState, pack_ids, wait_until
@@ -258,12 +260,13 @@ class WorkerMessages:
                 f"{len(tokens)} more tokens exceed max_tokens {req.sampling.max_tokens} "
                 f"({len(req.generated)} already streamed)",
             )
+        logprobs = _token_logprobs(msg, len(tokens)) if req.sampling.logprobs >= 0 else ()
         req.generated.extend(tokens)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
             if self.s.metrics is not None:
                 self.s.metrics.observe_ttft(req.first_token_at - req.submitted_at)
-        req.stream._push(StreamEvent(tokens))
+        req.stream._push(StreamEvent(tokens, logprobs=logprobs))
 
     def _finished(self, worker: WorkerState, msg: Finished) -> None:
         req = self._owned(worker, msg.request_id)
@@ -281,3 +284,16 @@ class WorkerMessages:
             self.s.redispatch(req, f"worker {worker.worker_id} gave it up")
             return
         self.s.finish(req, msg.reason, msg.stop_text)
+
+
+def _token_logprobs(msg: Generated, num_tokens: int) -> tuple[tuple[float, list[int], list[float]], ...]:
+    """The frame's logprobs, one entry per token; BadMessage when the arrays do not fit the tokens."""
+    k, rest = divmod(len(msg.top_ids), 4 * num_tokens)
+    if len(msg.logprobs) != 4 * num_tokens or rest or len(msg.top_logprobs) != len(msg.top_ids):
+        raise BadMessage(
+            ErrorCode.MALFORMED, f"logprobs of {num_tokens} tokens do not fit the frame's arrays"
+        )
+    values = np.frombuffer(msg.logprobs, "<f4").tolist()
+    top_ids = np.frombuffer(msg.top_ids, "<i4").reshape(num_tokens, k).tolist()
+    top_values = np.frombuffer(msg.top_logprobs, "<f4").reshape(num_tokens, k).tolist()
+    return tuple(zip(values, top_ids, top_values, strict=True))

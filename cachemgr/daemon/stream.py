@@ -17,6 +17,8 @@ class StreamEvent:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     stop_text: str = ""
+    # Per token, when the request asked for logprobs: (log-probability, top ids, their log-probabilities).
+    logprobs: tuple[tuple[float, list[int], list[float]], ...] = ()
 
 
 class RequestStream:

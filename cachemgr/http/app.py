@@ -144,7 +144,7 @@ class _Api:
                 stream.abort()
             raise
         detokenizers = [self.tokenizer.detokenizer(token_ids) for _ in streams]
-        return await respond(request, streams, gen, detokenizers)
+        return await respond(request, streams, gen, detokenizers, self.tokenizer.token_text)
 
     def daemon_namespace(self, api_key: str | None, client_salt: str) -> Namespace:
         return Namespace(model=self.model_name, salt=self.access.cache_salt(api_key, client_salt))

@@ -44,6 +44,7 @@ BODY_FIELDS = (
     "n",
     "best_of",
     "logprobs",
+    "top_logprobs",
     "echo",
     "tools",
     "functions",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -17,7 +18,15 @@ from aiohttp import web
 from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge, RequestFailed
 from cachemgr.daemon.stream import RequestStream
 from cachemgr.http.errors import APIError, bad_request, unavailable
-from cachemgr.http.shapes import SSE_DONE, ResponseShape, sse_event, usage
+from cachemgr.http.shapes import (
+    SSE_DONE,
+    ResponseShape,
+    TokenLogprobs,
+    chat_logprobs,
+    completion_logprobs,
+    sse_event,
+    usage,
+)
 from cachemgr.http.text import Detokenizer, TextAssembler
 from shared.protocol import FinishReason, SamplingParams
 
@@ -37,10 +46,31 @@ class Generation:
 
 @dataclass(frozen=True, slots=True)
 class _Piece:
-    """Text to send, and the finish reason once the output is complete."""
+    """Text to send, and the finish reason once the output is complete; with logprobs, the tokens the
+    piece came from and their entries (text held back for a stop string still has its tokens here)."""
 
     text: str
     finish_reason: str | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: tuple[TokenLogprobs, ...] = ()
+
+
+class _LogprobsFormatter:
+    """Turns one choice's token logprobs into the response's objects (chat or completion shape); the
+    completion shape's text offsets run on across the pieces of a stream."""
+
+    def __init__(self, chat: bool, token_text: Callable[[int], str]) -> None:
+        self.chat = chat
+        self.token_text = token_text
+        self.offset = 0
+
+    def format(self, ids: list[int], entries: Sequence[TokenLogprobs]) -> dict[str, Any] | None:
+        if not entries:
+            return None
+        if self.chat:
+            return chat_logprobs(entries, self.token_text, ids)
+        body, self.offset = completion_logprobs(entries, self.token_text, ids, self.offset)
+        return body
 
 
 async def submit(daemon: object, namespace: object, gen: Generation, request_id: bytes) -> RequestStream:
@@ -68,20 +98,21 @@ async def _pieces(
         async for event in stream:
             counter[0] += len(event.token_ids)
             text = assembler.push(event.token_ids)
+            ids, logprobs = (event.token_ids, event.logprobs) if event.logprobs else ([], ())
             if assembler.stopped:
                 # A stop string ended the text before the worker noticed: stop it generating.
                 stream.abort()
-                yield _Piece(text, FinishReason.STOP.value)
+                yield _Piece(text, FinishReason.STOP.value, ids, logprobs)
                 return
             if event.finish_reason is FinishReason.ABORT:
                 raise unavailable("The request was aborted by the server.", "request_aborted")
             if event.finish_reason is not None:
                 tail = assembler.finish()  # may reveal a stop string in the held-back text
                 reason = FinishReason.STOP if assembler.stopped else event.finish_reason
-                yield _Piece(text + tail, reason.value)
+                yield _Piece(text + tail, reason.value, ids, logprobs)
                 return
-            if text:
-                yield _Piece(text, None)
+            if text or logprobs:
+                yield _Piece(text, None, ids, logprobs)
     except RequestFailed as exc:
         raise unavailable(f"The request failed: {exc}", "request_failed") from None
     raise unavailable("The request ended without a finish reason.", "request_failed")
@@ -92,10 +123,13 @@ async def respond(
     streams: Sequence[RequestStream],
     gen: Generation,
     detokenizers: Sequence[Detokenizer],
+    token_text: Callable[[int], str],
 ) -> web.StreamResponse:
     """Produce the HTTP response for submitted requests, one per choice (``n``). Always leaves every
-    daemon request finished or aborted, whatever happens to the client connection."""
+    daemon request finished or aborted, whatever happens to the client connection. ``token_text``
+    names tokens in logprobs."""
     counters = [[0] for _ in streams]
+    formatters = [_LogprobsFormatter(gen.shape.chat, token_text) for _ in streams]
     pieces = [
         _pieces(stream, TextAssembler(detok, gen.sampling.stop), counter)
         for stream, detok, counter in zip(streams, detokenizers, counters, strict=True)
@@ -103,14 +137,22 @@ async def respond(
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, streams))
     try:
         if gen.stream:
-            return await _respond_stream(request, streams, gen, pieces, counters)
-        choices: list[tuple[list[str], str]] = [([], FinishReason.STOP.value) for _ in streams]
+            return await _respond_stream(request, streams, gen, pieces, counters, formatters)
+        texts: list[list[str]] = [[] for _ in streams]
+        finishes = [FinishReason.STOP.value for _ in streams]
+        ids: list[list[int]] = [[] for _ in streams]
+        entries: list[list[TokenLogprobs]] = [[] for _ in streams]
         async for i, piece in _merged(pieces):
-            choices[i][0].append(piece.text)
+            texts[i].append(piece.text)
+            ids[i] += piece.token_ids
+            entries[i] += piece.logprobs
             if piece.finish_reason is not None:
-                choices[i] = (choices[i][0], piece.finish_reason)
-        body = gen.shape.full([("".join(t), f) for t, f in choices], _usage(streams, counters))
-        return web.json_response(body)
+                finishes[i] = piece.finish_reason
+        choices = [
+            ("".join(texts[i]), finishes[i], formatters[i].format(ids[i], entries[i]))
+            for i in range(len(streams))
+        ]
+        return web.json_response(gen.shape.full(choices, _usage(streams, counters)))
     finally:
         watcher.cancel()
         for stream in streams:
@@ -158,6 +200,7 @@ async def _respond_stream(
     gen: Generation,
     pieces: Sequence[AsyncIterator[_Piece]],
     counters: list[list[int]],
+    formatters: Sequence[_LogprobsFormatter],
 ) -> web.StreamResponse:
     shape = gen.shape
     response = web.StreamResponse(
@@ -172,10 +215,10 @@ async def _respond_stream(
                 await response.write(sse_event(chunk))
         try:
             async for i, piece in _merged(pieces):
-                if piece.text:
-                    await response.write(
-                        sse_event(shape.chunk(piece.text, None, index=i, with_usage=with_usage))
-                    )
+                if piece.text or piece.logprobs:
+                    logprobs = formatters[i].format(piece.token_ids, piece.logprobs)
+                    chunk = shape.chunk(piece.text, None, index=i, with_usage=with_usage, logprobs=logprobs)
+                    await response.write(sse_event(chunk))
                 if piece.finish_reason is not None:
                     chunk = shape.chunk("", piece.finish_reason, index=i, with_usage=with_usage)
                     await response.write(sse_event(chunk))

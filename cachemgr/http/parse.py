@@ -1,18 +1,18 @@
 """Request bodies of /v1/completions and /v1/chat/completions -> validated, immutable requests.
 
-Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (best_of > 1, logprobs,
-echo, tools) are refused with a 400 naming the field, rather than silently answered differently.
+Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (best_of > 1, echo,
+tools) are refused with a 400 naming the field, rather than silently answered differently.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from cachemgr.http.errors import bad_request
-from shared.protocol import SamplingParams
+from shared.protocol import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n: each choice is a request of its own on the workers
@@ -39,6 +39,7 @@ class CommonParams:
     cache_salt: str
     user: str | None
     n: int = 1
+    logprobs: int = -1  # -1: none; k >= 0: each token's log-probability and its k most likely alternatives
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """SamplingParams for the daemon. Raises APIError 400 for out-of-range values."""
@@ -51,6 +52,7 @@ class CommonParams:
             stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
         )
         try:
             params.validate()
@@ -80,7 +82,8 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise bad_request("echo is not supported", param="echo")
     if "prompt" not in body:
         raise bad_request("'prompt' is a required property", param="prompt")
-    return CompletionRequest(prompt=_prompt(body["prompt"]), params=_common(body, "max_tokens"))
+    params = replace(_common(body, "max_tokens"), logprobs=_completion_logprobs(body))
+    return CompletionRequest(prompt=_prompt(body["prompt"]), params=params)
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -95,7 +98,29 @@ def parse_chat(body: Any) -> ChatRequest:
         raise bad_request("'messages' must be a non-empty array", param="messages")
     parsed = tuple(_message(m, i) for i, m in enumerate(messages))
     max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ChatRequest(messages=parsed, params=_common(body, max_field))
+    params = replace(_common(body, max_field), logprobs=_chat_logprobs(body))
+    return ChatRequest(messages=parsed, params=params)
+
+
+def _completion_logprobs(body: dict[str, Any]) -> int:
+    """/v1/completions: ``logprobs`` k = the chosen tokens' log-probabilities plus the k most likely."""
+    k = _opt_int(body, "logprobs")
+    if k is None:
+        return -1
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
+    return k
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int:
+    """/v1/chat/completions: ``logprobs`` (bool) and ``top_logprobs`` (0-20, only with logprobs)."""
+    wanted = _opt(body, "logprobs", bool, False)
+    top = _opt_int(body, "top_logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    if top and not wanted:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    return (top or 0) if wanted else -1
 
 
 def _require_object(body: Any) -> None:
@@ -106,8 +131,6 @@ def _require_object(body: Any) -> None:
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     if body.get("best_of") not in (None, 1):
         raise bad_request("Only best_of=1 is supported.", param="best_of")
-    if body.get("logprobs") not in (None, False, 0):
-        raise bad_request("logprobs are not supported.", param="logprobs")
 
 
 def _prompt(value: Any) -> str | tuple[int, ...] | np.ndarray:

@@ -7,7 +7,7 @@ creation time and model, so every chunk of a stream repeats them like OpenAI doe
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,24 +40,27 @@ class ResponseShape:
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def full(self, choices: Sequence[tuple[str, str]], usage_body: dict[str, Any]) -> dict[str, Any]:
-        """The whole (non-streamed) response: one choice per (text, finish_reason), in index order."""
+    def full(
+        self, choices: Sequence[tuple[str, str, dict[str, Any] | None]], usage_body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The whole (non-streamed) response: one choice per (text, finish_reason, logprobs object or
+        None), in index order."""
         if self.chat:
             body = self._head("chat.completion")
             body["choices"] = [
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": finish_reason,
                 }
-                for i, (text, finish_reason) in enumerate(choices)
+                for i, (text, finish_reason, logprobs) in enumerate(choices)
             ]
         else:
             body = self._head("text_completion")
             body["choices"] = [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
-                for i, (text, finish_reason) in enumerate(choices)
+                {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                for i, (text, finish_reason, logprobs) in enumerate(choices)
             ]
         body["usage"] = usage_body
         body["system_fingerprint"] = None
@@ -71,6 +74,7 @@ class ResponseShape:
         index: int = 0,
         first: bool = False,
         with_usage: bool = False,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One streamed chunk of choice ``index``. The first chat chunk of a choice carries the assistant
         role; with include_usage every chunk has "usage": null until the final usage-only chunk."""
@@ -81,12 +85,12 @@ class ResponseShape:
             choice: dict[str, Any] = {
                 "index": index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
             body = self._head("chat.completion.chunk")
         else:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._head("text_completion")
         body["choices"] = [choice]
         body["system_fingerprint"] = None
@@ -101,3 +105,48 @@ class ResponseShape:
         body["system_fingerprint"] = None
         body["usage"] = usage_body
         return body
+
+
+# One output token's logprobs as the daemon streams them: (log-probability, top ids, top log-probabilities).
+TokenLogprobs = tuple[float, list[int], list[float]]
+
+
+def chat_logprobs(
+    entries: Sequence[TokenLogprobs], token_text: Callable[[int], str], ids: Sequence[int]
+) -> dict[str, Any]:
+    """A chat choice's ``logprobs``: per token its text, log-probability, UTF-8 bytes and alternatives."""
+
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for token, (logprob, top_ids, top_values) in zip(ids, entries, strict=True):
+        entry = item(token, logprob)
+        entry["top_logprobs"] = [item(t, v) for t, v in zip(top_ids, top_values, strict=True)]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(
+    entries: Sequence[TokenLogprobs], token_text: Callable[[int], str], ids: Sequence[int], offset: int
+) -> tuple[dict[str, Any], int]:
+    """A completion choice's ``logprobs`` (the legacy shape: tokens, token_logprobs, top_logprobs as
+    {token: logprob}, text_offset from ``offset`` in the completion's text) and the offset after it."""
+    tokens, offsets = [], []
+    for token in ids:
+        text = token_text(token)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    top = [
+        {token_text(t): v for t, v in zip(top_ids, top_values, strict=True)}
+        for _, top_ids, top_values in entries
+    ]
+    body = {
+        "tokens": tokens,
+        "token_logprobs": [e[0] for e in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+    return body, offset

@@ -82,6 +82,11 @@ class TokenizerAdapter:
             )
         return np.asarray(token_ids, dtype=np.int32)
 
+    def token_text(self, token_id: int) -> str:
+        """One token alone as text (for logprobs). A token holding part of a multi-byte character decodes
+        to U+FFFD, as it does in other servers' logprobs."""
+        return self._tokenizer.decode([token_id])
+
     def detokenizer(self, prompt_ids: Sequence[int] | np.ndarray) -> Detokenizer:
         """A new incremental detokenizer for one request's output; the prompt's last tokens give the
         first output token its context (leading spaces decode as they do mid-text)."""

@@ -26,7 +26,7 @@ import torch
 
 from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.request import Phase, Request
-from computeworker.engine.sampling import RowSampling, sample_batch
+from computeworker.engine.sampling import RowSampling, TokenLogprobs, sample_batch, token_logprobs
 from computeworker.engine.scheduler import build_batch, plan_step
 from computeworker.engine.stop import DetokenizerSource, StopStringMatcher
 from computeworker.model.batch import AttentionBackend, ForwardBatch
@@ -263,12 +263,14 @@ class Engine:
                 for req in (entries[i].request for i in sampling_rows)
             ],
         )
+        ks = [entries[i].request.sampling.logprobs for i in sampling_rows]
+        logprobs = token_logprobs(logits, tokens, ks) if max(ks, default=-1) >= 0 else [None] * len(ks)
         sampled_at = time.perf_counter()
-        sampled = dict(zip(sampling_rows, tokens, strict=True))
+        sampled = dict(zip(sampling_rows, zip(tokens, logprobs, strict=True), strict=True))
         for i, entry in enumerate(entries):
             entry.request.num_computed += entry.num_tokens
             if i in sampled:
-                self._accept_token(entry.request, sampled[i])
+                self._accept_token(entry.request, *sampled[i])
         self.steps_done += 1  # read by the heartbeat (another thread): progress for the daemon's watchdog
         if self._on_step is not None:
             self._on_step(
@@ -348,8 +350,9 @@ class Engine:
             self._running[req.request_id] = req
             self._service(req)
 
-    def _accept_token(self, req: Request, token: int) -> None:
-        """Record a sampled token and decide whether the request finishes."""
+    def _accept_token(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Record a sampled token (and its logprobs, when the request asked) and decide whether the
+        request finishes."""
         prompt_done_now = req.num_output == 0
         params = req.sampling
         is_eos = token in self.config.eos_token_ids and not params.ignore_eos
@@ -357,6 +360,8 @@ class Engine:
             req.finish(FinishReason.STOP)  # the stop token itself is not part of the output
         else:
             req.output.append(token)
+            if logprobs is not None:
+                req.output_logprobs.append(logprobs)
             stop = req.stop_matcher.push(token) if req.stop_matcher is not None else None
             if stop is not None:
                 req.finish(FinishReason.STOP, stop)
@@ -382,7 +387,7 @@ class Engine:
             or now - req.last_flush_s >= self.config.stream_interval_s
         ):
             out = req.output[req.num_emitted :]
-            self._outbox.append((Generated(req.request_id, ids_to_bytes(out)), None))
+            self._outbox.append((_generated(req, out), None))
             req.num_emitted = req.num_output
             req.last_flush_s = now
 
@@ -414,3 +419,17 @@ class Engine:
             num_pages = min(needed, max(self.config.decode_page_chunk, -(-shortfall // ps)))
             self._outbox.append((PageRequest(req.request_id, num_pages), None))
             req.pages_requested = True
+
+
+def _generated(req: Request, tokens: list[int]) -> Generated:
+    """The Generated frame of `tokens`, the request's newest output, with their logprobs if it asked."""
+    if req.sampling.logprobs < 0:
+        return Generated(req.request_id, ids_to_bytes(tokens))
+    entries = req.output_logprobs[req.num_emitted : req.num_emitted + len(tokens)]
+    return Generated(
+        req.request_id,
+        ids_to_bytes(tokens),
+        logprobs=np.array([e.logprob for e in entries], dtype="<f4").tobytes(),
+        top_ids=np.array([e.top_ids for e in entries], dtype="<i4").tobytes(),
+        top_logprobs=np.array([e.top_logprobs for e in entries], dtype="<f4").tobytes(),
+    )

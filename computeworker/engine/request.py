@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from computeworker.engine.sampling import TokenLogprobs
 from computeworker.engine.stop import StopStringMatcher
 from shared.ids import ID_DTYPE
 from shared.protocol import FinishReason, SamplingParams
@@ -60,6 +61,7 @@ class Request:
     page_table: np.ndarray  # int32, writable: position i lives in page_table[i // page_size]
     num_computed: int
     output: list[int] = field(default_factory=list)  # tokens sampled so far (fed back one by one)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, if asked
     sample_seed: int = 0  # the sampling stream: params.seed, or one the engine drew (see sampling.uniform)
     sample_offset: int = 0  # draws made by earlier attempts (Dispatch.num_generated)
     stop_matcher: StopStringMatcher | None = None

@@ -38,6 +38,40 @@ class RowSampling:
     step: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A sampled token's log-probability under the model and the k most likely tokens at its position
+    (most likely first)."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]
+) -> list[TokenLogprobs | None]:
+    """For each row i with ks[i] >= 0: the log-softmax of its raw logits [B, vocab] (the model's own
+    distribution, before temperature, top-k and top-p, as vLLM reports by default) at tokens[i], and its
+    ks[i] most likely tokens. None for rows with ks[i] < 0. One extra device sync, only when asked."""
+    out: list[TokenLogprobs | None] = [None] * len(ks)
+    rows = [i for i, k in enumerate(ks) if k >= 0]
+    if not rows:
+        return out
+    device = logits.device
+    log_probs = torch.log_softmax(logits.index_select(0, torch.tensor(rows, device=device)).float(), dim=-1)
+    picked = torch.tensor([tokens[i] for i in rows], device=device)
+    chosen = log_probs.gather(1, picked[:, None]).squeeze(1).tolist()
+    widest = max(ks[i] for i in rows)
+    top_values, top_ids = (
+        torch.topk(log_probs, widest, dim=-1) if widest else (log_probs[:, :0], picked[:, None][:, :0])
+    )
+    values, ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        out[i] = TokenLogprobs(chosen[j], ids[j][: ks[i]], values[j][: ks[i]])
+    return out
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 of every element (uint64 arrays wrap modulo 2**64)."""
     x = x + np.uint64(0x9E3779B97F4A7C15)

@@ -77,6 +77,22 @@ class _Req:
     committed: bool = False
     next_step_at: float = 0.0
     pending_out: list[int] = field(default_factory=list)
+    logprobs: int = -1  # the request's SamplingParams.logprobs: frames carry that many alternatives
+
+
+def _generated(req: _Req, token: int) -> Generated:
+    """The frame of one token; when the request asked for k logprobs, made-up ones that fit the token:
+    log-probability -1.0, alternatives token, token + 1, ... at -1.0, -2.0, ..."""
+    if req.logprobs < 0:
+        return Generated(request_id=req.request_id, tokens=ids_to_bytes([token]))
+    k = req.logprobs
+    return Generated(
+        request_id=req.request_id,
+        tokens=ids_to_bytes([token]),
+        logprobs=np.array([-1.0], "<f4").tobytes(),
+        top_ids=np.array([token + j for j in range(k)], "<i4").tobytes(),
+        top_logprobs=np.array([-1.0 - j for j in range(k)], "<f4").tobytes(),
+    )
 
 
 class ScriptedWorker:
@@ -235,6 +251,7 @@ class ScriptedWorker:
             max_tokens=msg.sampling.max_tokens,
             stop_ids=set(msg.sampling.stop_token_ids),
             pages=pages,
+            logprobs=msg.sampling.logprobs,
             # Prefill cost grows with the uncached tokens, as on a real GPU: what makes a hit observable.
             ready_at=now
             + self.args.prefill_delay
@@ -283,7 +300,7 @@ class ScriptedWorker:
         self.write_slot(req.pages, position, token)
         req.generated += 1
         self.tokens_emitted += 1
-        self.send(Generated(request_id=req.request_id, tokens=ids_to_bytes([token])))
+        self.send(_generated(req, token))
         if self.args.crash_after and self.tokens_emitted >= self.args.crash_after:
             self.log("crash", tokens_emitted=self.tokens_emitted)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -104,7 +104,7 @@ class ScriptedDaemon:
                 stream._fail(RequestFailed("worker crashed"))
                 return
             await asyncio.sleep(0)
-            stream._push(StreamEvent(ids))
+            stream._push(StreamEvent(ids, logprobs=fake_logprobs(ids, sampling.logprobs)))
         if self.hold:
             return
         reason = FinishReason.LENGTH if len(out) == sampling.max_tokens < len(self.output) else self.finish
@@ -128,6 +128,14 @@ def sse_events(body: str) -> list[Any]:
     events = body[:-2].split("\n\n")
     assert all(e.startswith("data: ") for e in events)
     return [e[6:] if e == "data: [DONE]" else json.loads(e[6:]) for e in events]
+
+
+def fake_logprobs(ids: list[int], k: int) -> tuple[tuple[float, list[int], list[float]], ...]:
+    """What ScriptedDaemon streams when logprobs are asked (k >= 0): token t has log-probability -t/100,
+    and its k alternatives are t, t+1, ... with -t/100, -(t+1)/100, ..."""
+    if k < 0:
+        return ()
+    return tuple((-t / 100, [t + j for j in range(k)], [-(t + j) / 100 for j in range(k)]) for t in ids)
 
 
 class StaticMetrics:

@@ -92,3 +92,64 @@ async def test_a_refused_choice_aborts_the_ones_already_submitted(daemon: Script
         assert len(refusing.submitted) == 2
     finally:
         await c.close()
+
+
+async def test_completion_logprobs_legacy_shape(client: TestClient, daemon: ScriptedDaemon) -> None:
+    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "logprobs": 2})
+    choice = (await r.json())["choices"][0]
+    assert daemon.submitted[0].sampling.logprobs == 2
+    assert choice["text"] == "Hell"
+    h, e, l_ = ord("H"), ord("e"), ord("l")
+    assert choice["logprobs"] == {
+        "tokens": ["H", "e", "l", "l"],
+        "token_logprobs": [-h / 100, -e / 100, -l_ / 100, -l_ / 100],
+        "top_logprobs": [{chr(t): -t / 100, chr(t + 1): -(t + 1) / 100} for t in (h, e, l_, l_)],
+        "text_offset": [0, 1, 2, 3],
+    }
+    plain = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+    assert (await plain.json())["choices"][0]["logprobs"] is None
+
+
+async def test_chat_logprobs_streamed_per_chunk(client: TestClient, daemon: ScriptedDaemon) -> None:
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "max_tokens": 5,
+            "logprobs": True,
+            "top_logprobs": 1,
+        },
+    )
+    chunks = sse_events(await r.text())[:-1]
+    assert daemon.submitted[0].sampling.logprobs == 1
+    content = [c["choices"][0] for c in chunks if c["choices"][0]["delta"].get("content")]
+    # Every content chunk carries the logprobs of exactly the tokens its text came from.
+    for choice in content:
+        entries = choice["logprobs"]["content"]
+        assert "".join(e["token"] for e in entries) == choice["delta"]["content"]
+        for e in entries:
+            t = ord(e["token"])
+            assert e == {
+                "token": chr(t),
+                "logprob": -t / 100,
+                "bytes": [t],
+                "top_logprobs": [{"token": chr(t), "logprob": -t / 100, "bytes": [t]}],
+            }
+    assert "".join(c["delta"]["content"] for c in content) == "Hello"
+    assert chunks[0]["choices"][0]["logprobs"] is None  # the role chunk has no tokens
+
+
+async def test_chat_logprobs_not_streamed(client: TestClient, daemon: ScriptedDaemon) -> None:
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True},
+    )
+    logprobs = (await r.json())["choices"][0]["logprobs"]
+    assert logprobs == {
+        "content": [
+            {"token": "H", "logprob": -ord("H") / 100, "bytes": [ord("H")], "top_logprobs": []},
+            {"token": "e", "logprob": -ord("e") / 100, "bytes": [ord("e")], "top_logprobs": []},
+        ],
+        "refusal": None,
+    }

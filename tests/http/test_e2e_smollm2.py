@@ -78,6 +78,33 @@ def test_openai_client_streaming_equals_non_streaming(api: openai.OpenAI) -> Non
     assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.prompt_tokens > 0
 
 
+def test_logprobs_and_choices_through_the_openai_client(api: openai.OpenAI) -> None:
+    """Greedy with logprobs: each chosen token is its position's most likely one, the log-probabilities
+    are those of a distribution, and n = 2 greedy choices agree token for token."""
+    model = _model(api)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    reply = api.chat.completions.create(
+        model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, n=2
+    )
+    assert len(reply.choices) == 2
+    first, second = (c.logprobs.content for c in reply.choices)
+    assert [e.token for e in first] == [e.token for e in second] and first
+    assert "".join(e.token for e in first) == reply.choices[0].message.content
+    for entry in first:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token and entry.logprob == entry.top_logprobs[0].logprob
+        assert entry.logprob <= 0.0 and [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True
+        )
+    completion = api.completions.create(
+        model=model, prompt="Red, green and", max_tokens=3, temperature=0, logprobs=2
+    )
+    legacy = completion.choices[0].logprobs
+    assert "".join(legacy.tokens) == completion.choices[0].text and len(legacy.top_logprobs) == len(
+        legacy.tokens
+    )
+
+
 def test_five_turn_chat_reuses_the_conversation(api: openai.OpenAI) -> None:
     model = _model(api)
     messages = [{"role": "system", "content": SYSTEM}]

@@ -86,7 +86,9 @@ def test_include_usage_only_applies_to_streams() -> None:
         ({"prompt": "x", "n": 17}, "n"),
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "n": 1.5}, "n"),
-        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "logprobs": -1}, "logprobs"),
+        ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "cache_salt": 7}, "cache_salt"),
         ({"prompt": "x", "model": 7}, "model"),
@@ -144,6 +146,12 @@ def test_chat_messages_flattened_and_max_completion_tokens_preferred() -> None:
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
     ],
 )
 def test_chat_bad_fields(body, param) -> None:
@@ -153,3 +161,14 @@ def test_chat_bad_fields(body, param) -> None:
 
 def test_non_object_body() -> None:
     assert _error(parse_chat, [1, 2])[:2] == (400, None)
+
+
+def test_logprobs_fields_map_to_one_count() -> None:
+    chat = [{"role": "user", "content": "x"}]
+    assert parse_completion({"prompt": "x"}).params.logprobs == -1
+    assert parse_completion({"prompt": "x", "logprobs": 0}).params.logprobs == 0
+    assert parse_completion({"prompt": "x", "logprobs": 5}).params.sampling(16).logprobs == 5
+    assert parse_chat({"messages": chat}).params.logprobs == -1
+    assert parse_chat({"messages": chat, "logprobs": False, "top_logprobs": 0}).params.logprobs == -1
+    assert parse_chat({"messages": chat, "logprobs": True}).params.logprobs == 0
+    assert parse_chat({"messages": chat, "logprobs": True, "top_logprobs": 3}).params.logprobs == 3

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,7 @@ class MiniDaemon:
     free: list[int]
     tree: dict[tuple[int, ...], int] = field(default_factory=dict)  # token prefix (full pages) -> page
     outputs: dict[bytes, list[int]] = field(default_factory=dict)
+    frames: list[Generated] = field(default_factory=list)
     finished: dict[bytes, Finished] = field(default_factory=dict)
 
     def dispatch(
@@ -133,6 +135,7 @@ class MiniDaemon:
                     self.engine.on_commit_ack(CommitAck(msg.request_id, ids_to_bytes(pages)))
                 elif isinstance(msg, Generated):
                     self.outputs[msg.request_id] += bytes_to_ids(msg.tokens).tolist()
+                    self.frames.append(msg)
                 elif isinstance(msg, Finished):
                     self._commit(bytes_to_ids(msg.tokens).tolist(), bytes_to_ids(msg.page_ids).tolist())
                     self.finished[msg.request_id] = msg
@@ -229,3 +232,30 @@ def test_redispatched_seeded_request_continues_its_stream(tiny: LlamaModel, pool
     resumed.dispatch(b"s" * 16, PROMPT + whole[:3], rest, num_generated=3)
     resumed.run()
     assert resumed.outputs[b"s" * 16] == whole[3:]
+
+
+def test_logprobs_travel_with_their_tokens(tiny: LlamaModel, pool: MappedPool) -> None:
+    """Asked for k = 3: every Generated frame carries each token's log-probability under the model (the
+    log-softmax of that step's raw logits, whatever the temperature) and the 3 most likely tokens."""
+    mini, rec = _mini(tiny, pool)
+    params = SamplingParams(temperature=0.7, seed=5, max_tokens=6, ignore_eos=True, logprobs=3)
+    mini.dispatch(b"l" * 16, PROMPT, params)
+    mini.run()
+    tokens = mini.outputs[b"l" * 16]
+    got = np.concatenate([np.frombuffer(f.logprobs, "<f4") for f in mini.frames])
+    top_ids = np.concatenate([np.frombuffer(f.top_ids, "<i4") for f in mini.frames]).reshape(-1, 3)
+    top_lp = np.concatenate([np.frombuffer(f.top_logprobs, "<f4") for f in mini.frames]).reshape(-1, 3)
+    assert len(got) == len(tokens) == 6
+    steps = [
+        logits[-1] for logits in rec.logits
+    ]  # one sampled row per step (the prompt's last token, then decodes)
+    for i, token in enumerate(tokens):
+        want = torch.log_softmax(steps[i].float(), dim=-1)
+        assert got[i] == pytest.approx(float(want[token]), abs=1e-5)
+        assert top_ids[i].tolist() == torch.topk(want, 3).indices.tolist()
+        assert np.allclose(top_lp[i], torch.topk(want, 3).values.numpy(), atol=1e-5)
+    plain, _ = _mini(tiny, pool)  # without logprobs: the same tokens, frames without them
+    plain.dispatch(b"l" * 16, PROMPT, SamplingParams(temperature=0.7, seed=5, max_tokens=6, ignore_eos=True))
+    plain.run()
+    assert plain.outputs[b"l" * 16] == tokens
+    assert all(f.logprobs == f.top_ids == f.top_logprobs == b"" for f in plain.frames)
