@@ -57,9 +57,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop: list[str] = []
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
-    logprobs: int = (
-        -1
-    )  # -1: none; k >= 0: each output token's log-probability and its k most likely alternatives
+    # -1: none; k >= 0: each output token's log-probability and its k most likely alternatives
+    logprobs: int = -1
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message for out-of-range values."""

@@ -17,7 +17,7 @@ import numpy as np
 from cachemgr.daemon.errors import RequestFailed
 from cachemgr.daemon.scheduler import Scheduler
 from cachemgr.daemon.state import RequestState, WorkerState, pack_ids, wait_until
-from cachemgr.daemon.stream import StreamEvent
+from cachemgr.daemon.stream import LogprobEntry, StreamEvent
 from shared.ids import bytes_to_ids
 from shared.process_identity import process_alive
 from shared.protocol import (
@@ -286,7 +286,7 @@ class WorkerMessages:
         self.s.finish(req, msg.reason, msg.stop_text)
 
 
-def _token_logprobs(msg: Generated, num_tokens: int) -> tuple[tuple[float, list[int], list[float]], ...]:
+def _token_logprobs(msg: Generated, num_tokens: int) -> tuple[LogprobEntry, ...]:
     """The frame's logprobs, one entry per token; BadMessage when the arrays do not fit the tokens."""
     k, rest = divmod(len(msg.top_ids), 4 * num_tokens)
     if len(msg.logprobs) != 4 * num_tokens or rest or len(msg.top_logprobs) != len(msg.top_ids):

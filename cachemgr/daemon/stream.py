@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from cachemgr.daemon.errors import RequestFailed
 from shared.protocol import FinishReason
 
+# One output token's logprobs: (its log-probability, the top ids, their log-probabilities).
+LogprobEntry = tuple[float, list[int], list[float]]
+
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
@@ -17,8 +20,7 @@ class StreamEvent:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     stop_text: str = ""
-    # Per token, when the request asked for logprobs: (log-probability, top ids, their log-probabilities).
-    logprobs: tuple[tuple[float, list[int], list[float]], ...] = ()
+    logprobs: tuple[LogprobEntry, ...] = ()  # one per token, when the request asked for logprobs
 
 
 class RequestStream:

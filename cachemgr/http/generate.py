@@ -16,12 +16,11 @@ import numpy as np
 from aiohttp import web
 
 from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge, RequestFailed
-from cachemgr.daemon.stream import RequestStream
+from cachemgr.daemon.stream import LogprobEntry, RequestStream
 from cachemgr.http.errors import APIError, bad_request, unavailable
 from cachemgr.http.shapes import (
     SSE_DONE,
     ResponseShape,
-    TokenLogprobs,
     chat_logprobs,
     completion_logprobs,
     sse_event,
@@ -46,13 +45,13 @@ class Generation:
 
 @dataclass(frozen=True, slots=True)
 class _Piece:
-    """Text to send, and the finish reason once the output is complete; with logprobs, the tokens the
-    piece came from and their entries (text held back for a stop string still has its tokens here)."""
+    """Text to send, and the finish reason once the output is complete; the tokens the piece came from
+    and, with logprobs, their entries (text held back for a stop string still has its tokens here)."""
 
     text: str
     finish_reason: str | None
     token_ids: list[int] = field(default_factory=list)
-    logprobs: tuple[TokenLogprobs, ...] = ()
+    logprobs: tuple[LogprobEntry, ...] = ()
 
 
 class _LogprobsFormatter:
@@ -64,7 +63,7 @@ class _LogprobsFormatter:
         self.token_text = token_text
         self.offset = 0
 
-    def format(self, ids: list[int], entries: Sequence[TokenLogprobs]) -> dict[str, Any] | None:
+    def format(self, ids: list[int], entries: Sequence[LogprobEntry]) -> dict[str, Any] | None:
         if not entries:
             return None
         if self.chat:
@@ -98,7 +97,7 @@ async def _pieces(
         async for event in stream:
             counter[0] += len(event.token_ids)
             text = assembler.push(event.token_ids)
-            ids, logprobs = (event.token_ids, event.logprobs) if event.logprobs else ([], ())
+            ids, logprobs = event.token_ids, event.logprobs
             if assembler.stopped:
                 # A stop string ended the text before the worker noticed: stop it generating.
                 stream.abort()
@@ -141,7 +140,7 @@ async def respond(
         texts: list[list[str]] = [[] for _ in streams]
         finishes = [FinishReason.STOP.value for _ in streams]
         ids: list[list[int]] = [[] for _ in streams]
-        entries: list[list[TokenLogprobs]] = [[] for _ in streams]
+        entries: list[list[LogprobEntry]] = [[] for _ in streams]
         async for i, piece in _merged(pieces):
             texts[i].append(piece.text)
             ids[i] += piece.token_ids

@@ -6,7 +6,7 @@ tools) are refused with a 400 naming the field, rather than silently answered di
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -82,7 +82,9 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise bad_request("echo is not supported", param="echo")
     if "prompt" not in body:
         raise bad_request("'prompt' is a required property", param="prompt")
-    params = replace(_common(body, "max_tokens"), logprobs=_completion_logprobs(body))
+    # logprobs k: the chosen tokens' log-probabilities plus the k most likely at each position
+    k = _int_within(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    params = _common(body, "max_tokens", -1 if k is None else k)
     return CompletionRequest(prompt=_prompt(body["prompt"]), params=params)
 
 
@@ -98,26 +100,13 @@ def parse_chat(body: Any) -> ChatRequest:
         raise bad_request("'messages' must be a non-empty array", param="messages")
     parsed = tuple(_message(m, i) for i, m in enumerate(messages))
     max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    params = replace(_common(body, max_field), logprobs=_chat_logprobs(body))
-    return ChatRequest(messages=parsed, params=params)
-
-
-def _completion_logprobs(body: dict[str, Any]) -> int:
-    """/v1/completions: ``logprobs`` k = the chosen tokens' log-probabilities plus the k most likely."""
-    k = _opt_int(body, "logprobs")
-    if k is None:
-        return -1
-    if not 0 <= k <= MAX_TOP_LOGPROBS:
-        raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
-    return k
+    return ChatRequest(messages=parsed, params=_common(body, max_field, _chat_logprobs(body)))
 
 
 def _chat_logprobs(body: dict[str, Any]) -> int:
     """/v1/chat/completions: ``logprobs`` (bool) and ``top_logprobs`` (0-20, only with logprobs)."""
     wanted = _opt(body, "logprobs", bool, False)
-    top = _opt_int(body, "top_logprobs")
-    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
-        raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    top = _int_within(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top and not wanted:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     return (top or 0) if wanted else -1
@@ -185,7 +174,7 @@ def _text_parts(parts: list[Any], param: str) -> str:
     return "".join(texts)
 
 
-def _common(body: dict[str, Any], max_field: str) -> CommonParams:
+def _common(body: dict[str, Any], max_field: str, logprobs: int) -> CommonParams:
     stream = _opt(body, "stream", bool, False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -208,17 +197,17 @@ def _common(body: dict[str, Any], max_field: str) -> CommonParams:
         include_usage=stream and include_usage,
         cache_salt=_cache_salt(body),
         user=_opt(body, "user", str, None),
-        n=_choices(body),
+        n=_int_within(body, "n", 1, MAX_CHOICES) or 1,
+        logprobs=logprobs,
     )
 
 
-def _choices(body: dict[str, Any]) -> int:
-    n = _opt_int(body, "n")
-    if n is None:
-        return 1
-    if not 1 <= n <= MAX_CHOICES:
-        raise bad_request(f"n must be between 1 and {MAX_CHOICES}", param="n")
-    return n
+def _int_within(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    """An optional integer field in [low, high]; None when absent. APIError 400 naming it otherwise."""
+    value = _opt_int(body, name)
+    if value is not None and not low <= value <= high:
+        raise bad_request(f"{name} must be between {low} and {high}", param=name)
+    return value
 
 
 def _cache_salt(body: dict[str, Any]) -> str:

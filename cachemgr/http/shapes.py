@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cachemgr.daemon.stream import LogprobEntry
+
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -107,12 +109,8 @@ class ResponseShape:
         return body
 
 
-# One output token's logprobs as the daemon streams them: (log-probability, top ids, top log-probabilities).
-TokenLogprobs = tuple[float, list[int], list[float]]
-
-
 def chat_logprobs(
-    entries: Sequence[TokenLogprobs], token_text: Callable[[int], str], ids: Sequence[int]
+    entries: Sequence[LogprobEntry], token_text: Callable[[int], str], ids: Sequence[int]
 ) -> dict[str, Any]:
     """A chat choice's ``logprobs``: per token its text, log-probability, UTF-8 bytes and alternatives."""
 
@@ -129,7 +127,7 @@ def chat_logprobs(
 
 
 def completion_logprobs(
-    entries: Sequence[TokenLogprobs], token_text: Callable[[int], str], ids: Sequence[int], offset: int
+    entries: Sequence[LogprobEntry], token_text: Callable[[int], str], ids: Sequence[int], offset: int
 ) -> tuple[dict[str, Any], int]:
     """A completion choice's ``logprobs`` (the legacy shape: tokens, token_logprobs, top_logprobs as
     {token: logprob}, text_offset from ``offset`` in the completion's text) and the offset after it."""

@@ -256,14 +256,12 @@ class Engine:
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
         if len(sampling_rows) < len(entries):  # some rows end mid-prompt (chunked prefill)
             logits = logits[sampling_rows]
-        tokens = sample_batch(
-            logits,
-            [
-                RowSampling(req.sampling, req.sample_seed, req.sample_offset + len(req.output))
-                for req in (entries[i].request for i in sampling_rows)
-            ],
-        )
-        ks = [entries[i].request.sampling.logprobs for i in sampling_rows]
+        rows = [
+            RowSampling(req.sampling, req.sample_seed, req.sample_offset + len(req.output))
+            for req in (entries[i].request for i in sampling_rows)
+        ]
+        tokens = sample_batch(logits, rows)
+        ks = [row.params.logprobs for row in rows]
         logprobs = token_logprobs(logits, tokens, ks) if max(ks, default=-1) >= 0 else [None] * len(ks)
         sampled_at = time.perf_counter()
         sampled = dict(zip(sampling_rows, zip(tokens, logprobs, strict=True), strict=True))

@@ -102,11 +102,11 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     if logits.dim() != 1:
         raise ValueError(f"logits must be one row [vocab], got shape {tuple(logits.shape)}")
     device = logits.device
-    order, keep = _sorted_keep(
+    order, _, keep = _sorted_keep(
         logits[None].float(),
         torch.tensor([top_k], device=device),
         torch.tensor([top_p], dtype=torch.float64, device=device),
-    )[0::2]
+    )
     mask = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     mask[order[0][keep[0]]] = True
     return mask
