@@ -9,6 +9,10 @@ bf16 logits [batch, vocab], from the logits to the token ids on the host (the st
 included). The baseline is the sampler of commit 550b602: greedy rows in one argmax, every other row on
 its own (softmax, an argsort for top-k / top-p, one `torch.multinomial` with the request's generator and
 an `.item()` sync each).
+
+Also the cost of logits processing (computeworker.engine.logits_processing) on top of the top_p mix: every
+row with presence, frequency and repetition penalties and a 16-entry logit_bias, 256 generated tokens
+and 2,000 distinct prompt tokens each ("processing/<batch>": processed + sampled vs sampled alone).
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import numpy as np
 import torch
 
+from computeworker.engine.logits_processing import RowHistory, processed_logits
 from computeworker.engine.sampling import RowSampling, sample_batch
 from shared.protocol import SamplingParams
 
@@ -77,6 +84,33 @@ def time_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
     return round(statistics.median(times), 3)
 
 
+def processing_ms(batch: int, vocab: int, device: torch.device, gen: torch.Generator, reps: int) -> dict:
+    """Median ms of processed_logits + sample_batch against sample_batch alone, every row penalised."""
+    logits = (torch.randn(batch, vocab, device=device, generator=gen) * 4).to(torch.bfloat16)
+    plain = MIXES["top_p"]
+    params = msgspec.structs.replace(
+        plain,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+        logit_bias={t: 1.0 for t in range(0, vocab, vocab // 16)},
+    )
+    rng = np.random.default_rng(0)
+    histories = [
+        RowHistory(
+            generated=rng.integers(0, vocab, 256, dtype=np.int32),
+            prompt_tokens=np.unique(rng.integers(0, vocab, 2000, dtype=np.int32)),
+        )
+        for _ in range(batch)
+    ]
+    rows = [RowSampling(params, seed=i, step=7) for i in range(batch)]
+    sampled = time_ms(lambda: sample_batch(logits, rows), device, reps)
+    both = time_ms(
+        lambda: sample_batch(processed_logits(logits, [params] * batch, histories), rows), device, reps
+    )
+    return {"sampled": sampled, "processed_and_sampled": both, "processing": round(both - sampled, 3)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +149,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{name:12s} batch {batch:4d}: batched {batched:8.3f} ms, per-row {per_row:9.3f} ms",
                 flush=True,
             )
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        result["ms_per_step"][f"processing/{batch}"] = processing_ms(
+            batch, args.vocab, device, gen, args.reps
+        )
+        print(f"processing   batch {batch:4d}: {result['ms_per_step'][f'processing/{batch}']}", flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -22,7 +22,9 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: Dispatch.num_generated, Generated logprobs, SamplingParams.logprobs
+# 2: Dispatch.num_generated, Generated logprobs, SamplingParams.logprobs
+# 3: SamplingParams penalties (presence, frequency, repetition), min_p, logit_bias, min_tokens
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # anything larger is dropped unread
 
 
@@ -44,10 +46,15 @@ class FinishReason(enum.Enum):
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS_TOKENS = 1024  # entries of logit_bias a request may carry
 
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Decoding parameters (OpenAI semantics). temperature 0 means greedy."""
+    """Decoding parameters (OpenAI semantics, plus vLLM's top_k, min_p, repetition_penalty, min_tokens,
+    stop_token_ids and ignore_eos). temperature 0 means greedy. The logits a token is drawn from are the
+    model's, plus logit_bias, with EOS and stop tokens banned before min_tokens, then the repetition,
+    frequency and presence penalties over the tokens generated so far (repetition: prompt tokens too);
+    then temperature, min_p, top-k and top-p (computeworker.engine.logits_processing and .sampling)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -59,9 +66,16 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ignore_eos: bool = False
     # -1: none; k >= 0: each output token's log-probability and its k most likely alternatives
     logprobs: int = -1
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of seen tokens
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens are generated
 
     def validate(self) -> None:
-        """Raise ValueError with a user-facing message for out-of-range values."""
+        """Raise ValueError with a user-facing message for out-of-range values (the message starts with
+        the field's name)."""
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if not 0.0 <= self.temperature <= 100.0:
@@ -74,6 +88,33 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("stop: at most 16 non-empty strings of at most 256 characters")
         if not -1 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be -1 (off) or between 0 and {MAX_TOP_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError("repetition_penalty must be in (0, 10]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1]")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS_TOKENS} tokens")
+        if any(t < 0 for t in self.logit_bias) or any(
+            not -100.0 <= b <= 100.0 for b in self.logit_bias.values()
+        ):
+            raise ValueError("logit_bias maps token ids to numbers in [-100, 100]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be between 0 and max_tokens")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes the model's logits before temperature (see the class docstring);
+        min_tokens alone counts, because it bans tokens."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
 
 
 class PoolDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

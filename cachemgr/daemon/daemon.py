@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 import zmq.asyncio
@@ -168,9 +169,9 @@ class Daemon:
         elif not 1 <= len(request_id) <= 64 or request_id in self._scheduler.requests:
             raise ValueError("request_id must be 1-64 bytes and not in use")
         if sampling.max_tokens > self.max_context_len - n:
-            sampling = SamplingParams(
-                **{f: getattr(sampling, f) for f in sampling.__struct_fields__}
-                | {"max_tokens": self.max_context_len - n}
+            cap = self.max_context_len - n
+            sampling = msgspec.structs.replace(
+                sampling, max_tokens=cap, min_tokens=min(sampling.min_tokens, cap)
             )
         stream = RequestStream(request_id, n, lambda: self._scheduler.abort(req))
         req = RequestState(request_id, namespace, tokens, sampling, stream, submitted_at=time.monotonic())

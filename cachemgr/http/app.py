@@ -116,6 +116,7 @@ class _Api:
         if not len(token_ids):
             raise bad_request("The prompt is empty after tokenization.", param="prompt")
         self.tokenizer.check_ids(params.stop_token_ids, "stop_token_ids")
+        self.tokenizer.check_ids([token for token, _ in params.logit_bias], "logit_bias")
         default_max = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
         request_id = uuid.uuid4().bytes
         gen = Generation(

@@ -49,6 +49,12 @@ BODY_FIELDS = (
     "tools",
     "functions",
     "response_format",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "min_tokens",
+    "logit_bias",
 )
 
 _Body = msgspec.defstruct(

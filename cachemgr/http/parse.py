@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cachemgr.http.errors import bad_request
-from shared.protocol import MAX_TOP_LOGPROBS, SamplingParams
+from shared.protocol import MAX_LOGIT_BIAS_TOKENS, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n: each choice is a request of its own on the workers
@@ -40,6 +40,12 @@ class CommonParams:
     user: str | None
     n: int = 1
     logprobs: int = -1  # -1: none; k >= 0: each token's log-probability and its k most likely alternatives
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """SamplingParams for the daemon. Raises APIError 400 for out-of-range values."""
@@ -53,6 +59,12 @@ class CommonParams:
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
             logprobs=self.logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_p=self.min_p,
+            logit_bias=dict(self.logit_bias),
+            min_tokens=self.min_tokens,
         )
         try:
             params.validate()
@@ -199,7 +211,39 @@ def _common(body: dict[str, Any], max_field: str, logprobs: int) -> CommonParams
         user=_opt(body, "user", str, None),
         n=_int_within(body, "n", 1, MAX_CHOICES) or 1,
         logprobs=logprobs,
+        presence_penalty=_opt_float(body, "presence_penalty", 0.0),
+        frequency_penalty=_opt_float(body, "frequency_penalty", 0.0),
+        repetition_penalty=_opt_float(body, "repetition_penalty", 1.0),
+        min_p=_opt_float(body, "min_p", 0.0),
+        min_tokens=_opt_int(body, "min_tokens") or 0,
+        logit_bias=_logit_bias(body.get("logit_bias")),
     )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: an object from token ids (JSON keys are strings) to numbers. Ranges are
+    checked by SamplingParams.validate, the ids against the vocabulary by the app."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad_request("logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+    if len(value) > MAX_LOGIT_BIAS_TOKENS:
+        raise bad_request(f"logit_bias may hold at most {MAX_LOGIT_BIAS_TOKENS} tokens", param="logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        token = (
+            key
+            if _is_int(key)
+            else int(key)
+            if isinstance(key, str) and key.isascii() and key.isdigit()
+            else None
+        )
+        if token is None or isinstance(bias, bool) or not isinstance(bias, (int, float)) or bias != bias:
+            raise bad_request(
+                f"logit_bias: {key!r} -> {bias!r} is not a token id mapped to a number", param="logit_bias"
+            )
+        pairs.append((token, float(bias)))
+    return tuple(pairs)
 
 
 def _int_within(body: dict[str, Any], name: str, low: int, high: int) -> int | None:

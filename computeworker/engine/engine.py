@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from computeworker.engine.fences import Fence, StepStats
+from computeworker.engine.logits_processing import processed_logits, row_history
 from computeworker.engine.request import Phase, Request
 from computeworker.engine.sampling import RowSampling, TokenLogprobs, sample_batch, token_logprobs
 from computeworker.engine.scheduler import build_batch, plan_step
@@ -256,11 +257,17 @@ class Engine:
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
         if len(sampling_rows) < len(entries):  # some rows end mid-prompt (chunked prefill)
             logits = logits[sampling_rows]
+        sampling_reqs = [entries[i].request for i in sampling_rows]
         rows = [
             RowSampling(req.sampling, req.sample_seed, req.sample_offset + len(req.output))
-            for req in (entries[i].request for i in sampling_rows)
+            for req in sampling_reqs
         ]
-        tokens = sample_batch(logits, rows)
+        processed = processed_logits(
+            logits,
+            [r.params for r in rows],
+            [row_history(r, self.config.eos_token_ids) for r in sampling_reqs],
+        )
+        tokens = sample_batch(processed, rows)
         ks = [row.params.logprobs for row in rows]
         logprobs = token_logprobs(logits, tokens, ks) if max(ks, default=-1) >= 0 else [None] * len(ks)
         sampled_at = time.perf_counter()

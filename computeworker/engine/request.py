@@ -75,6 +75,9 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_text: str = ""
     finish_sent: bool = False
+    _output_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=ID_DTYPE))  # see generated_ids
+    _num_output_ids: int = 0
+    _prompt_token_set: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +97,29 @@ class Request:
             return self.prompt[start:stop]
         tail = np.asarray(self.output[max(start - p, 0) : stop - p], dtype=ID_DTYPE)
         return tail if start >= p else np.concatenate([self.prompt[start:], tail])
+
+    def generated_ids(self) -> np.ndarray:
+        """Every token this request generated, as int32: those earlier attempts streamed (the prompt's last
+        sample_offset tokens) and this attempt's output. The output is mirrored into a growing array, so a
+        step costs the tokens sampled since the last call, not the whole output."""
+        num = len(self.output)
+        if num > len(self._output_ids):
+            grown = np.zeros(max(num, 2 * len(self._output_ids), 16), dtype=ID_DTYPE)
+            grown[: self._num_output_ids] = self._output_ids[: self._num_output_ids]
+            self._output_ids = grown
+        if num > self._num_output_ids:
+            self._output_ids[self._num_output_ids : num] = self.output[self._num_output_ids :]
+            self._num_output_ids = num
+        own = self._output_ids[:num]
+        if not self.sample_offset:
+            return own
+        return np.concatenate([self.prompt[self.prompt_len - self.sample_offset :], own])
+
+    def prompt_token_set(self) -> np.ndarray:
+        """The distinct tokens of the prompt, sorted (repetition_penalty's "seen" set; computed once)."""
+        if self._prompt_token_set is None:
+            self._prompt_token_set = np.unique(self.prompt)
+        return self._prompt_token_set
 
     @property
     def is_finished(self) -> bool:

@@ -1,7 +1,8 @@
 """Token sampling for a batch of requests with per-request parameters (OpenAI semantics), batched.
 
 Greedy rows (temperature 0) are an argmax. Random rows are drawn by inverse transform: the logits divided
-by the row's temperature, softmax, top-k then top-p applied in sorted order (the smallest set of most
+by the row's temperature, min_p (tokens less likely than min_p x the most likely are dropped), softmax,
+top-k then top-p applied in sorted order (the smallest set of most
 likely tokens whose probability reaches top_p; the token that crosses the threshold is kept; ties in
 value go to the lower token id), the cumulative distribution, and one uniform number per row located in
 it. Every row of a step runs through the same few batched kernels and the step ends in one device sync,
@@ -17,6 +18,7 @@ state between steps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -177,7 +179,8 @@ def _truncated_tokens(
     # Exact when the last kept value is above the smallest candidate: then every token at least that
     # likely is a candidate, in the full sort's order.
     last_kept = values.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0))
-    exact = (last_kept > values[:, -1:]).squeeze(1)
+    # A smallest candidate of -inf (min_p, a banned token) means every other token is -inf too: never drawn.
+    exact = ((last_kept > values[:, -1:]) | (values[:, -1:] == -math.inf)).squeeze(1)
     tokens = ids.gather(1, _draw(torch.cumsum(probs, dim=-1), draws)[:, None]).squeeze(1)
     if not bool(exact.all()):
         redo = torch.nonzero(~exact).squeeze(1)
@@ -198,7 +201,8 @@ def _draw(cdf: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 
 
 def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
-    """One token per row of logits [B, vocab]."""
+    """One token per row of logits [B, vocab] (already processed: see
+    computeworker.engine.logits_processing)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
     tokens = torch.argmax(logits, dim=-1)
@@ -210,6 +214,12 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
     index = torch.tensor(random_rows, device=device)
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     scaled = logits.index_select(0, index).float() / temperature[:, None]
+    if any(p.min_p > 0.0 for p in params):  # min_p: drop tokens below min_p x the most likely one
+        floor = torch.tensor(
+            [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params], device=device
+        )
+        threshold = scaled.max(dim=-1, keepdim=True).values + floor[:, None]
+        scaled = scaled.masked_fill(scaled < threshold, -math.inf)
     draws = torch.from_numpy(
         uniforms([rows[i].seed for i in random_rows], [rows[i].step for i in random_rows])
     ).to(device)

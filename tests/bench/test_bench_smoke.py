@@ -105,5 +105,5 @@ def test_sampling_bench_runs_on_cpu() -> None:
 
     result = main(["--device", "cpu", "--vocab", "512", "--batch-sizes", "1,4", "--reps", "1"])
     assert set(result["ms_per_step"]) == {
-        f"{m}/{b}" for m in ("greedy", "temperature", "top_p", "top_k_top_p") for b in (1, 4)
+        f"{m}/{b}" for m in ("greedy", "temperature", "top_p", "top_k_top_p", "processing") for b in (1, 4)
     }

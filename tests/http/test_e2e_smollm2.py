@@ -105,6 +105,29 @@ def test_logprobs_and_choices_through_the_openai_client(api: openai.OpenAI) -> N
     )
 
 
+def test_logit_bias_and_penalties_through_the_openai_client(api: openai.OpenAI) -> None:
+    """A +100 bias makes greedy decoding repeat one token; biasing two tokens, a frequency penalty takes
+    turns between them once the leader's count outweighs its lead; an id outside the vocabulary is a 400
+    naming logit_bias."""
+    model = _model(api)
+
+    def tokens(**kwargs: object) -> list[str]:
+        reply = api.completions.create(
+            model=model, prompt="Red, green and", max_tokens=4, temperature=0, logprobs=0, **kwargs
+        )
+        return reply.choices[0].logprobs.tokens
+
+    forced = tokens(logit_bias={"1000": 100})
+    assert len(forced) == 4 and len(set(forced)) == 1
+    pair = {"1000": 100, "1001": 100}
+    assert len(set(tokens(logit_bias=pair))) == 1
+    assert len(set(tokens(logit_bias=pair, frequency_penalty=2.0, extra_body={"min_p": 0.1}))) == 2
+    assert len(tokens(presence_penalty=1.0, extra_body={"repetition_penalty": 1.3, "min_tokens": 4})) == 4
+    with pytest.raises(openai.BadRequestError) as outside:
+        tokens(logit_bias={"10000000": 1})
+    assert outside.value.param == "logit_bias"
+
+
 def test_five_turn_chat_reuses_the_conversation(api: openai.OpenAI) -> None:
     model = _model(api)
     messages = [{"role": "system", "content": SYSTEM}]

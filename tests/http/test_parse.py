@@ -93,6 +93,14 @@ def test_include_usage_only_applies_to_streams() -> None:
         ({"prompt": "x", "cache_salt": 7}, "cache_salt"),
         ({"prompt": "x", "model": 7}, "model"),
         ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"prompt": "x", "presence_penalty": "high"}, "presence_penalty"),
+        ({"prompt": "x", "min_tokens": 1.5}, "min_tokens"),
+        ({"prompt": "x", "logit_bias": [1, 2]}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"-3": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"3": "up"}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"3": True}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ],
 )
 def test_completion_bad_fields_name_the_param(body, param) -> None:
@@ -107,6 +115,12 @@ def test_completion_bad_fields_name_the_param(body, param) -> None:
         ("temperature", -1, "temperature"),
         ("top_p", 0, "top_p"),
         ("top_k", -2, "top_k"),
+        ("presence_penalty", 2.5, "presence_penalty"),
+        ("frequency_penalty", -2.01, "frequency_penalty"),
+        ("repetition_penalty", 0, "repetition_penalty"),
+        ("min_p", 1.1, "min_p"),
+        ("min_tokens", 17, "min_tokens"),
+        ("logit_bias", {"5": 100.5}, "logit_bias"),
     ],
 )
 def test_out_of_range_sampling_is_400(field, value, param) -> None:
@@ -172,3 +186,30 @@ def test_logprobs_fields_map_to_one_count() -> None:
     assert parse_chat({"messages": chat, "logprobs": False, "top_logprobs": 0}).params.logprobs == -1
     assert parse_chat({"messages": chat, "logprobs": True}).params.logprobs == 0
     assert parse_chat({"messages": chat, "logprobs": True, "top_logprobs": 3}).params.logprobs == 3
+
+
+def test_penalties_min_p_logit_bias_and_min_tokens_reach_the_sampling_params() -> None:
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1,
+        "repetition_penalty": 1.2,
+        "min_p": 0.05,
+        "min_tokens": 4,
+        "logit_bias": {"50256": -100, "7": 2.5},
+    }
+    sampling = parse_chat(body).params.sampling(16)
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (
+        0.5,
+        -1.0,
+        1.2,
+    )
+    assert (sampling.min_p, sampling.min_tokens, sampling.logit_bias) == (0.05, 4, {50256: -100.0, 7: 2.5})
+    assert sampling.processes_logits
+    defaults = parse_completion(
+        {"prompt": "x", "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+    )
+    assert defaults.params.sampling(16) == SamplingParams(
+        max_tokens=16
+    )  # what OpenAI clients send by default
+    assert not defaults.params.sampling(16).processes_logits

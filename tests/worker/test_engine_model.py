@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
 
 from computeworker.engine.engine import Engine, EngineConfig
+from computeworker.engine.logits_processing import RowHistory, processed_logits
 from computeworker.model.attention_torch import TorchAttention
 from computeworker.model.batch import ForwardBatch
 from computeworker.model.llama import LlamaModel
@@ -124,7 +126,8 @@ class MiniDaemon:
 
     def run(self) -> None:
         while True:
-            for msg in self.engine.take_messages():
+            messages = self.engine.take_messages()
+            for msg in messages:
                 if isinstance(msg, PageRequest):
                     grant = [self.free.pop(0) for _ in range(msg.num_pages)]
                     self.engine.on_pages_granted(PagesGranted(msg.request_id, ids_to_bytes(grant)))
@@ -139,15 +142,18 @@ class MiniDaemon:
                 elif isinstance(msg, Finished):
                     self._commit(bytes_to_ids(msg.tokens).tolist(), bytes_to_ids(msg.page_ids).tolist())
                     self.finished[msg.request_id] = msg
-            if not self.engine.has_work():
+            if self.engine.has_work():
+                self.engine.step()
+            elif not messages:  # an ack may have released a Finished: drain before leaving
                 return
-            self.engine.step()
 
 
-def _mini(tiny: LlamaModel, pool: MappedPool, prefill_chunk: int = 64) -> tuple[MiniDaemon, RecordingModel]:
+def _mini(
+    tiny: LlamaModel, pool: MappedPool, prefill_chunk: int = 64, eos: tuple[int, ...] = ()
+) -> tuple[MiniDaemon, RecordingModel]:
     rec = RecordingModel(tiny)
     config = EngineConfig(
-        PAGE, tiny.spec.max_position_embeddings, (), max_running=8, prefill_chunk=prefill_chunk
+        PAGE, tiny.spec.max_position_embeddings, eos, max_running=8, prefill_chunk=prefill_chunk
     )
     engine = Engine(rec, TorchAttention(), pool.tensor, LetterTokenizer(), config)
     return MiniDaemon(engine, list(range(1, 64))), rec
@@ -259,3 +265,53 @@ def test_logprobs_travel_with_their_tokens(tiny: LlamaModel, pool: MappedPool) -
     plain.run()
     assert plain.outputs[b"l" * 16] == tokens
     assert all(f.logprobs == f.top_ids == f.top_logprobs == b"" for f in plain.frames)
+
+
+def test_penalties_see_every_generated_token_and_survive_a_redispatch(
+    tiny: LlamaModel, pool: MappedPool
+) -> None:
+    """Greedy with penalties and a bias: each token is the argmax of that step's raw logits processed over
+    the tokens generated before it; resumed after 3 tokens, the request continues the same way."""
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=8,
+        ignore_eos=True,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+        repetition_penalty=1.3,
+        logit_bias={PROMPT[0]: 2.0},
+    )
+    mini, rec = _mini(tiny, pool)
+    mini.dispatch(b"p" * 16, PROMPT, params)
+    mini.run()
+    tokens = mini.outputs[b"p" * 16]
+    assert len(tokens) == 8
+    prompt_set = np.unique(np.array(PROMPT))
+    for i, token in enumerate(tokens):
+        history = RowHistory(generated=tokens[:i], prompt_tokens=prompt_set)
+        assert token == int(torch.argmax(processed_logits(rec.logits[i][-1:], [params], [history])))
+    resumed, _ = _mini(tiny, pool)
+    rest = msgspec.structs.replace(params, max_tokens=5)
+    resumed.dispatch(b"p" * 16, PROMPT + tokens[:3], rest, num_generated=3)
+    resumed.run()
+    assert resumed.outputs[b"p" * 16] == tokens[3:]
+
+
+def test_min_tokens_holds_back_eos_and_stop_tokens(tiny: LlamaModel, pool: MappedPool) -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    probe, _ = _mini(tiny, pool)
+    probe.dispatch(b"e" * 16, PROMPT, greedy)
+    probe.run()
+    first = probe.outputs[b"e" * 16][0]
+    mini, _ = _mini(tiny, pool, eos=(first,))  # the model's first choice is now EOS: it stops at once
+    mini.dispatch(b"e" * 16, PROMPT, greedy)
+    mini.run()
+    assert mini.outputs[b"e" * 16] == []
+    assert mini.finished[b"e" * 16].reason is FinishReason.STOP
+    held, _ = _mini(tiny, pool, eos=(first,))
+    held.dispatch(
+        b"e" * 16, PROMPT, msgspec.structs.replace(greedy, min_tokens=3, stop_token_ids=[first + 1])
+    )
+    held.run()
+    out = held.outputs[b"e" * 16]
+    assert len(out) >= 3 and not {first, first + 1} & set(out[:3])
