@@ -5,6 +5,8 @@
     GET  /v1/models            the served model
     POST /v1/completions       prompt (text or token ids) -> text, streamed (SSE) or not
     POST /v1/chat/completions  messages -> chat template -> tokens -> assistant message
+    POST /tokenize             a prompt or messages -> the token ids a generation request would use (vLLM)
+    POST /detokenize           token ids -> text (vLLM)
 
 Handlers run on the daemon's event loop; tokenizing and chat templating run in the loop's executor.
 The app keeps no request state of its own: the daemon owns every request.
@@ -27,7 +29,7 @@ from aiohttp import web
 from cachemgr.cache import Namespace
 from cachemgr.daemon.stream import RequestStream
 from cachemgr.http.auth import AccessPolicy
-from cachemgr.http.body import decode_body
+from cachemgr.http.body import decode_body, decode_plain_body
 from cachemgr.http.errors import APIError, bad_request, internal_error, model_not_found
 from cachemgr.http.generate import Generation, respond, submit
 from cachemgr.http.parse import CommonParams, parse_chat, parse_completion
@@ -47,6 +49,8 @@ DEFAULT_CHAT_MAX_TOKENS = 1024
 
 # The authenticated API key of a request (None when no keys are configured).
 API_KEY: web.RequestKey[str | None] = web.RequestKey("api_key")
+
+_TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})  # vLLM's paths; they need the API key too
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -101,6 +105,39 @@ class _Api:
         self._check_model(parsed.params)
         token_ids = await self._off_loop(self.tokenizer.encode_chat, list(parsed.messages))
         return await self._generate(request, parsed.params, token_ids, chat=True)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: {"prompt": text} as /v1/completions tokenizes it, or {"messages": [...]} as
+        /v1/chat/completions renders and tokenizes them (assistant turn opened)."""
+        body = await _json_body(request, decode_plain_body)
+        if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body):
+            raise bad_request("Send an object with either 'prompt' (a string) or 'messages'.")
+        if body.get("model") not in (None, self.model_name):
+            raise model_not_found(str(body["model"]))
+        if "messages" in body:
+            messages = list(parse_chat({"messages": body["messages"]}).messages)
+            token_ids = await self._off_loop(self.tokenizer.encode_chat, messages)
+        elif isinstance(body["prompt"], str) and body["prompt"]:
+            token_ids = await self._off_loop(self.tokenizer.encode, body["prompt"])
+        else:
+            raise bad_request("'prompt' must be a non-empty string", param="prompt")
+        limit = getattr(self.daemon, "max_context_len", None)
+        return web.json_response(
+            {"count": len(token_ids), "max_model_len": limit, "tokens": token_ids.tolist()}
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+        body = await _json_body(request, decode_plain_body)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise bad_request("'tokens' must be an array of token ids", param="tokens")
+        if body.get("model") not in (None, self.model_name):
+            raise model_not_found(str(body["model"]))
+        token_ids = self.tokenizer.check_ids(tokens, "tokens")
+        return web.json_response({"prompt": await self._off_loop(self.tokenizer.decode, token_ids)})
 
     def _check_model(self, params: CommonParams) -> None:
         # A missing model means "the one you serve", as vLLM does; a wrong one is a 404 like OpenAI's.
@@ -159,12 +196,14 @@ def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
     return msgspec.structs.replace(sampling, seed=(sampling.seed + index + 2**63) % 2**64 - 2**63)
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _json_body(request: web.Request, decode: Callable[[bytes], Any] = decode_body) -> Any:
+    """The body decoded by `decode`: by default the generation endpoints' decoder, which keeps only the
+    fields they read (cachemgr.http.body)."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, "The request body is too large.", code="request_too_large") from None
-    return decode_body(raw)
+    return decode(raw)
 
 
 def _error_middleware(
@@ -176,7 +215,7 @@ def _error_middleware(
             # /health and /metrics stay open for probes and scrapers; they carry no prompt content.
             request[API_KEY] = (
                 access.authenticate(request.headers.get("Authorization"))
-                if request.path.startswith("/v1/")
+                if request.path.startswith("/v1/") or request.path in _TOKENIZER_PATHS
                 else None
             )
             return await handler(request)
@@ -227,4 +266,6 @@ def build_http_app(
     app.router.add_get("/v1/models/{model}", api.model)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
+    app.router.add_post("/tokenize", api.tokenize)
+    app.router.add_post("/detokenize", api.detokenize)
     return app

@@ -72,7 +72,7 @@ def decode_body(raw: bytes) -> Any:
     """The request body as Python values; a flat integer-array prompt becomes an int64 ndarray.
     Raises APIError 400 invalid_json for a body that is not JSON."""
     fast = _decode_fast(raw)
-    return fast if fast is not None else _decode_slow(raw)
+    return fast if fast is not None else decode_plain_body(raw)
 
 
 def _decode_fast(raw: bytes) -> dict[str, Any] | None:
@@ -113,7 +113,8 @@ def _prompt_value(raw: bytes) -> Any:
         return None
 
 
-def _decode_slow(raw: bytes) -> Any:
+def decode_plain_body(raw: bytes) -> Any:
+    """Any JSON body as Python values, every field kept (json.loads). Raises APIError 400 invalid_json."""
     try:
         body = json.loads(raw)
         if _SURROGATE_ESCAPE.search(raw):

@@ -82,6 +82,10 @@ class TokenizerAdapter:
             )
         return np.asarray(token_ids, dtype=np.int32)
 
+    def decode(self, token_ids: np.ndarray) -> str:
+        """The text of checked token ids (special tokens dropped, as in completions)."""
+        return self._tokenizer.decode([int(t) for t in token_ids])
+
     def token_text(self, token_id: int) -> str:
         """One token alone as text (for logprobs). A token holding part of a multi-byte character decodes
         to U+FFFD, as it does in other servers' logprobs."""

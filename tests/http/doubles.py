@@ -67,6 +67,7 @@ class ScriptedDaemon:
     finish: FinishReason = FinishReason.STOP
     num_workers: int = 1
     cached_tokens: int = 0
+    max_context_len: int = 4096
     refuse: Exception | None = None
     fail_after: int | None = None
     hold: bool = False

@@ -301,3 +301,50 @@ async def test_cache_salt_passed_through_without_keys(client: TestClient, daemon
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "cache_salt": "s1"}
     )
     assert daemon.submitted[0].namespace == Namespace(MODEL, "s1")
+
+
+async def test_tokenize_and_detokenize_match_what_generation_uses(
+    client: TestClient, daemon: ScriptedDaemon
+) -> None:
+    r = await client.post("/tokenize", json={"prompt": "hi!"})
+    assert (r.status, await r.json()) == (
+        200,
+        {"count": 3, "max_model_len": daemon.max_context_len, "tokens": [104, 105, 33]},
+    )
+    messages = [{"role": "user", "content": "yo"}]
+    r = await client.post("/tokenize", json={"messages": messages, "model": MODEL})
+    tokens = (await r.json())["tokens"]
+    await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert tokens == daemon.submitted[-1].token_ids  # exactly the prompt a chat request sends
+    r = await client.post("/detokenize", json={"tokens": tokens})
+    assert (await r.json()) == {"prompt": "<user>yo\n<assistant>"}
+    assert len(daemon.submitted) == 1  # tokenizing submits nothing
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/tokenize", {}, None),
+        ("/tokenize", {"prompt": "a", "messages": []}, None),
+        ("/tokenize", {"prompt": ""}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ("/detokenize", {"tokens": [1, "a"]}, "tokens"),
+        ("/detokenize", {"tokens": [300]}, "tokens"),
+        ("/detokenize", [], "tokens"),
+    ],
+)
+async def test_tokenize_refuses_bad_bodies(
+    client: TestClient, path: str, body: object, param: str | None
+) -> None:
+    r = await client.post(path, json=body)
+    assert r.status == 400 and (await r.json())["error"]["param"] == param
+
+
+async def test_tokenize_needs_the_api_key_when_keys_are_set(daemon: ScriptedDaemon) -> None:
+    client = await start_client(daemon, api_keys=frozenset({"k1"}))
+    try:
+        assert (await client.post("/tokenize", json={"prompt": "x"})).status == 401
+        ok = await client.post("/detokenize", json={"tokens": [120]}, headers={"Authorization": "Bearer k1"})
+        assert (ok.status, await ok.json()) == (200, {"prompt": "x"})
+    finally:
+        await client.close()
