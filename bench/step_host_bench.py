@@ -8,8 +8,7 @@ serving defaults, a FlashInfer backend, CUDA-event fences):
 
     bench    build_forward_batch + CudaModelRunner.forward, as bench/gpu_model_bench.py times it
     engine   Engine.add(Dispatch) + Engine.step() on this thread (the request aborted after each step)
-    thread   the same step submitted to a one-thread executor from an asyncio loop (the runtime before run 41)
-    compute_thread   the same through computeworker.compute_thread.ComputeThread (the runtime since)
+    thread   the same step submitted to a one-thread executor from an asyncio loop, as the runtime does
 
 and reports, per way, the median host ms of each phase and the step's wall time, plus a cProfile of the
 engine steps (top functions by own time).
@@ -28,7 +27,7 @@ import json
 import pstats
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ import torch
 
 from bench.gpu_model_bench import LLAMA3_8B_CONFIG, PAGE, random_model
 from bench.gpu_timing import run_metadata
-from computeworker.compute_thread import ComputeThread
 from computeworker.engine.engine import Engine, EngineConfig
 from computeworker.engine.fences import StepStats, cuda_fence_factory
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
@@ -157,18 +155,10 @@ def engine_way(way: EngineWay, reps: int, profile: bool) -> tuple[dict, str]:
     return way.summary(walls), text
 
 
-def thread_way(way: EngineWay, reps: int, *, executor_path: bool) -> dict:
-    """Each step on a compute thread, awaited from an asyncio loop that also runs a heartbeat task:
-    through a ThreadPoolExecutor + asyncio.wrap_future (the runtime before run 41), or through the
-    runtime's ComputeThread."""
+def thread_way(way: EngineWay, reps: int) -> dict:
+    """Each step on a compute thread, awaited from an asyncio loop that also runs a heartbeat task."""
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
-    compute = ComputeThread()
     walls: list[float] = []
-
-    def submit_step() -> Awaitable[int]:
-        if executor_path:
-            return asyncio.wrap_future(executor.submit(way.engine.step))
-        return compute.submit(way.engine.step)
 
     async def heartbeat() -> None:
         while True:
@@ -179,7 +169,7 @@ def thread_way(way: EngineWay, reps: int, *, executor_path: bool) -> dict:
         for i in range(reps + 3):
             rid = way.dispatch()
             t0 = time.perf_counter()
-            await submit_step()
+            await asyncio.wrap_future(executor.submit(way.engine.step))
             t1 = time.perf_counter()
             way.finish(rid)
             if i >= 3:
@@ -188,7 +178,6 @@ def thread_way(way: EngineWay, reps: int, *, executor_path: bool) -> dict:
 
     asyncio.run(drive())
     executor.shutdown()
-    compute.shutdown()
     return way.summary(walls)
 
 
@@ -222,10 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: list[tuple[str, Callable[[], dict]]] = [
         ("bench", lambda: bench_way(runner, pool, attention, args.reps)),
         ("engine", lambda: engine_way(way, args.reps, profile=False)[0]),
-        ("thread", lambda: thread_way(way, args.reps, executor_path=True)),
-        ("compute_thread", lambda: thread_way(way, args.reps, executor_path=False)),
-        ("thread_again", lambda: thread_way(way, args.reps, executor_path=True)),
-        ("compute_thread_again", lambda: thread_way(way, args.reps, executor_path=False)),
+        ("thread", lambda: thread_way(way, args.reps)),
         ("bench_again", lambda: bench_way(runner, pool, attention, args.reps)),
     ]
     for name, run in runs:

@@ -14,19 +14,18 @@ Shutdown from the daemon, or `request_stop()` (signals), ends the worker.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import zmq.asyncio
 
 from computeworker.client import DaemonLink
-from computeworker.compute_thread import ComputeThread
 from computeworker.config import WorkerConfig
 from computeworker.engine.engine import Engine, EngineConfig, PagedModel
 from computeworker.engine.fences import Fence, StepStats
@@ -105,8 +104,8 @@ class WorkerRuntime:
         self._on_pool = on_pool
         self._make_fence = make_fence
         self._on_step = on_step
-        self._compute = ComputeThread()
-        self._inflight: asyncio.Future[Any] | None = None  # the compute thread's current call
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self._inflight: concurrent.futures.Future[int] | None = None
         self._step_stats: list[StepStats] = []  # appended on the compute thread, drained on the loop
         self._dispatch_at: float | None = None  # perf_counter of the latest Dispatch read (trace only)
         self._pool: MappedPool | None = None
@@ -143,7 +142,7 @@ class WorkerRuntime:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
-            self._compute.shutdown()
+            self._executor.shutdown(wait=True)
             ctx.term()
 
     # ------------------------------------------------------------------ one session
@@ -232,8 +231,8 @@ class WorkerRuntime:
         assert pool is not None  # mapped above whenever the descriptor changed
         if not bound and self._on_pool is not None:
             # Warm-up takes seconds: run it where steps run, so heartbeats keep flowing meanwhile.
-            self._inflight = self._compute.submit(self._on_pool, pool.tensor, self._attention[1])
-            await asyncio.shield(self._inflight)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._on_pool, pool.tensor, self._attention[1])
         config = EngineConfig(
             page_size=desc.page_size,
             context_len=info.context_len,
@@ -308,9 +307,9 @@ class WorkerRuntime:
                 await link.send(out)
             if engine.has_work():
                 submitted = time.perf_counter()
-                self._inflight = self._compute.submit(engine.step)
+                self._inflight = self._executor.submit(engine.step)
                 try:
-                    await asyncio.shield(self._inflight)  # a cancelled session still waits in _wait_compute
+                    await asyncio.wrap_future(self._inflight)
                 except Exception:
                     log.exception("a step failed: aborting every running request")
                     engine.fail_all()
@@ -374,7 +373,7 @@ class WorkerRuntime:
         inflight = self._inflight
         if inflight is not None and not inflight.done():
             # The step's own error was already handled by the driver; only its end matters here.
-            await asyncio.wait([inflight])
+            await asyncio.wait([asyncio.wrap_future(inflight)])
 
     async def _sleep(self, seconds: float) -> None:
         try:
