@@ -99,7 +99,8 @@ def processing_ms(batch: int, vocab: int, device: torch.device, gen: torch.Gener
     histories = [
         RowHistory(
             generated=rng.integers(0, vocab, 256, dtype=np.int32),
-            prompt_tokens=np.unique(rng.integers(0, vocab, 2000, dtype=np.int32)),
+            # as the engine passes them: each request's distinct prompt tokens, kept on the device
+            prompt_tokens=torch.from_numpy(np.unique(rng.integers(0, vocab, 2000))).to(device),
         )
         for _ in range(batch)
     ]

@@ -9,6 +9,7 @@ serving defaults, a FlashInfer backend, CUDA-event fences):
     bench    build_forward_batch + CudaModelRunner.forward, as bench/gpu_model_bench.py times it
     engine   Engine.add(Dispatch) + Engine.step() on this thread (the request aborted after each step)
     thread   the same step submitted to a one-thread executor from an asyncio loop, as the runtime does
+    engine_after_cold   the engine's step right after a cold 10,100-token forward each time (phase A's order)
 
 and reports, per way, the median host ms of each phase and the step's wall time, plus a cProfile of the
 engine steps (top functions by own time).
@@ -155,6 +156,31 @@ def engine_way(way: EngineWay, reps: int, profile: bool) -> tuple[dict, str]:
     return way.summary(walls), text
 
 
+def after_cold_way(
+    way: EngineWay, runner: CudaModelRunner, pool: torch.Tensor, attention: FlashInferAttention, reps: int
+) -> dict:
+    """The engine's cached step right after a cold 10,100-token forward, as the serve bench's phase A
+    alternates them: does the GPU run the cached step slower after a long full-power prefill?"""
+    ids = list(range(1000, 1000 + PREFIX + NEW))
+    pages = list(range(-(-(PREFIX + NEW) // PAGE)))
+    walls: list[float] = []
+    for i in range(reps // 3 + 2):
+        for start in range(0, PREFIX + NEW, 8192):  # the CUDA worker's default 8192-token chunks
+            chunk = ids[start : start + 8192]
+            runner.forward(
+                build_forward_batch([SeqChunk(chunk, start, pages)], PAGE, "cuda"), pool, attention
+            )
+        torch.cuda.synchronize()
+        rid = way.dispatch()
+        t0 = time.perf_counter()
+        way.engine.step()
+        t1 = time.perf_counter()
+        way.finish(rid)
+        if i >= 2:
+            walls.append(t1 - t0)
+    return way.summary(walls)
+
+
 def thread_way(way: EngineWay, reps: int) -> dict:
     """Each step on a compute thread, awaited from an asyncio loop that also runs a heartbeat task."""
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
@@ -212,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("bench", lambda: bench_way(runner, pool, attention, args.reps)),
         ("engine", lambda: engine_way(way, args.reps, profile=False)[0]),
         ("thread", lambda: thread_way(way, args.reps)),
+        ("engine_after_cold", lambda: after_cold_way(way, runner, pool, attention, args.reps)),
+        ("engine_again", lambda: engine_way(way, args.reps, profile=False)[0]),
         ("bench_again", lambda: bench_way(runner, pool, attention, args.reps)),
     ]
     for name, run in runs:

@@ -265,7 +265,10 @@ class Engine:
         processed = processed_logits(
             logits,
             [r.params for r in rows],
-            [row_history(r, self.config.eos_token_ids) for r in sampling_reqs],
+            [
+                row_history(r, self.config.eos_token_ids, logits.shape[-1], logits.device)
+                for r in sampling_reqs
+            ],
         )
         tokens = sample_batch(processed, rows)
         ks = [row.params.logprobs for row in rows]

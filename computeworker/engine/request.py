@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 from computeworker.engine.sampling import TokenLogprobs
 from computeworker.engine.stop import StopStringMatcher
@@ -77,7 +78,7 @@ class Request:
     finish_sent: bool = False
     _output_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=ID_DTYPE))  # see generated_ids
     _num_output_ids: int = 0
-    _prompt_token_set: np.ndarray | None = None
+    _prompt_token_set: tuple[tuple[int, str], Any] | None = None  # ((vocab, device), the set)
 
     @property
     def num_tokens(self) -> int:
@@ -115,11 +116,15 @@ class Request:
             return own
         return np.concatenate([self.prompt[self.prompt_len - self.sample_offset :], own])
 
-    def prompt_token_set(self) -> np.ndarray:
-        """The distinct tokens of the prompt, sorted (repetition_penalty's "seen" set; computed once)."""
-        if self._prompt_token_set is None:
-            self._prompt_token_set = np.unique(self.prompt)
-        return self._prompt_token_set
+    def prompt_token_set(self, vocab: int, device: torch.device | None = None) -> np.ndarray | torch.Tensor:
+        """The distinct prompt tokens below `vocab`, sorted (repetition_penalty's "seen" set), as int64 on
+        `device` (a numpy array for None); computed once and kept, so later steps copy nothing."""
+        key = (vocab, str(device))
+        if self._prompt_token_set is None or self._prompt_token_set[0] != key:
+            ids = np.unique(self.prompt).astype(np.int64)
+            ids = ids[(ids >= 0) & (ids < vocab)]
+            self._prompt_token_set = (key, ids if device is None else torch.from_numpy(ids).to(device))
+        return self._prompt_token_set[1]
 
     @property
     def is_finished(self) -> bool:

@@ -144,16 +144,17 @@ def test_row_history_counts_earlier_attempts_and_bans_until_min_tokens() -> None
         num_computed=6,
         sample_offset=2,
     )
-    history = row_history(req, eos_token_ids=(2,))
+    history = row_history(req, eos_token_ids=(2,), vocab=8)
     assert history.generated.tolist() == [4, 4]
-    assert history.prompt_tokens.tolist() == [3, 4, 7, 9]
+    assert history.prompt_tokens.tolist() == [3, 4, 7]  # distinct, sorted, below the vocabulary
     assert history.banned == (2, 5)
     for token in range(30):  # the mirror array grows past its first capacity
         req.output.append(token)
-    history = row_history(req, eos_token_ids=(2,))
+    history = row_history(req, eos_token_ids=(2,), vocab=8, device=torch.device("cpu"))
     assert history.generated.tolist() == [4, 4, *range(30)]
+    assert isinstance(history.prompt_tokens, torch.Tensor) and history.prompt_tokens.tolist() == [3, 4, 7]
     assert history.banned == ()
-    assert row_history(dataclasses.replace(req, sampling=SamplingParams()), (2,)) == RowHistory()
+    assert row_history(dataclasses.replace(req, sampling=SamplingParams()), (2,), 8) == RowHistory()
 
 
 @pytest.mark.parametrize(
