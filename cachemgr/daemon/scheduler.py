@@ -21,6 +21,7 @@ import math
 import time
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from cachemgr.daemon.errors import RequestFailed
@@ -141,8 +142,9 @@ class Scheduler:
             worker.progress_at = time.monotonic()
         worker.request_ids.add(req.request_id)
         sampling = req.sampling
-        if req.generated:
-            sampling = type(sampling)(**{**_fields(sampling), "max_tokens": max_tokens})
+        if req.generated:  # a re-dispatch: the budgets count what this attempt still has to generate
+            min_tokens = max(0, sampling.min_tokens - len(req.generated))
+            sampling = msgspec.structs.replace(sampling, max_tokens=max_tokens, min_tokens=min_tokens)
         dispatch = Dispatch(
             request_id=req.request_id,
             tokens=ids_to_bytes(tokens),
@@ -273,7 +275,3 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.observe_e2e(time.monotonic() - req.submitted_at)
             self.metrics.count_request(outcome)
-
-
-def _fields(struct: Any) -> dict[str, Any]:
-    return {name: getattr(struct, name) for name in struct.__struct_fields__}

@@ -54,7 +54,7 @@ def row_history(
     penalised = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
     generated = req.generated_ids()
     banned: tuple[int, ...] = ()
-    if len(generated) < params.min_tokens:
+    if req.num_output < params.min_tokens:  # this attempt's (a re-dispatch lowers min_tokens by the rest)
         banned = (*(() if params.ignore_eos else eos_token_ids), *params.stop_token_ids)
     return RowHistory(
         generated=generated if penalised else (),

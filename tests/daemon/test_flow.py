@@ -102,7 +102,7 @@ async def test_sigkilled_worker_request_finishes_elsewhere_without_duplicates(
     await start_workers(
         daemon, procs, ("--crash-after", "3", "--token-delay", "0.02"), ("--token-delay", "0.02")
     )
-    stream = await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=10))
+    stream = await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=10, min_tokens=8))
     received: list[list[int]] = []
     async for event in stream:
         received.append(event.token_ids)
@@ -116,6 +116,8 @@ async def test_sigkilled_worker_request_finishes_elsewhere_without_duplicates(
     # either way (the output assertion above).
     assert d2["prompt_len"] in (10 + 2, 10 + 3)
     assert (d1["num_generated"], d2["num_generated"]) == (0, d2["prompt_len"] - 10)  # sampling resumes
+    # the budgets count what the second attempt still has to generate
+    assert (d2["max_tokens"], d2["min_tokens"]) == (10 - d2["num_generated"], 8 - d2["num_generated"])
     assert d2["matched_len"] == 8 and d2["prefix_ok"]
     stats = daemon.stats()
     assert (stats["workers"], stats["redispatches"], stats["requests_finished"]) == (1, 1, 1)

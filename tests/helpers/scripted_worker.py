@@ -235,6 +235,8 @@ class ScriptedWorker:
             request_id=msg.request_id.hex(),
             attempt=msg.attempt,
             num_generated=msg.num_generated,
+            max_tokens=msg.sampling.max_tokens,
+            min_tokens=msg.sampling.min_tokens,
             prompt_len=len(tokens),
             matched_len=msg.matched_len,
             computed=len(tokens) - msg.matched_len,
