@@ -23,7 +23,8 @@ import enum
 import msgspec
 
 # 2: Dispatch.num_generated, Generated logprobs, SamplingParams.logprobs
-# 3: SamplingParams penalties (presence, frequency, repetition), min_p, logit_bias, min_tokens
+# 3: SamplingParams penalties (presence, frequency, repetition), min_p, logit_bias, min_tokens,
+#    prompt_logprobs; the PromptLogprobs message
 PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # anything larger is dropped unread
 
@@ -72,6 +73,9 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
     logit_bias: dict[int, float] = {}  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens are generated
+    # -1: none; k >= 0: each prompt token's log-probability given the tokens before it, and the k most
+    # likely tokens there (legacy completions' echo + logprobs). The whole prompt is computed: no cache hit.
+    prompt_logprobs: int = -1
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message for out-of-range values (the message starts with
@@ -103,6 +107,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("logit_bias maps token ids to numbers in [-100, 100]")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError("min_tokens must be between 0 and max_tokens")
+        if not -1 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be -1 (off) or between 0 and {MAX_TOP_LOGPROBS}")
 
     @property
     def processes_logits(self) -> bool:
@@ -186,6 +192,18 @@ class Generated(msgspec.Struct, frozen=True, tag="generated", forbid_unknown_fie
     top_logprobs: bytes = b""
 
 
+class PromptLogprobs(msgspec.Struct, frozen=True, tag="prompt_logprobs", forbid_unknown_fields=True):
+    """For a request with SamplingParams.prompt_logprobs = k >= 0, sent once, after its prompt is computed
+    and before its first Generated frame: for prompt tokens 1..n-1 (the first has no context), each one's
+    float32 log-probability given the tokens before it, and k int32 ids / float32 log-probabilities of the
+    most likely tokens at its position; little-endian."""
+
+    request_id: bytes
+    logprobs: bytes
+    top_ids: bytes = b""
+    top_logprobs: bytes = b""
+
+
 class Finished(msgspec.Struct, frozen=True, tag="finished", forbid_unknown_fields=True):
     """The request is done. The daemon commits tokens/page_ids (full pages of prompt + output) and
     releases the lease. Sent after the last Generated frame of the request."""
@@ -211,7 +229,17 @@ class Goodbye(msgspec.Struct, frozen=True, tag="goodbye", forbid_unknown_fields=
     reason: str = ""
 
 
-WorkerToDaemon = Register | Heartbeat | Commit | PageRequest | Generated | Finished | WorkerError | Goodbye
+WorkerToDaemon = (
+    Register
+    | Heartbeat
+    | Commit
+    | PageRequest
+    | Generated
+    | PromptLogprobs
+    | Finished
+    | WorkerError
+    | Goodbye
+)
 
 # ---------------------------------------------------------------- daemon -> worker
 

@@ -33,6 +33,7 @@ from shared.protocol import (
     PageRequest,
     PagesGranted,
     PoolDescriptor,
+    PromptLogprobs,
     Register,
     Welcome,
     WorkerError,
@@ -62,6 +63,7 @@ class WorkerMessages:
             Commit: self._commit,
             PageRequest: self._page_request,
             Generated: self._generated,
+            PromptLogprobs: self._prompt_logprobs,
             Finished: self._finished,
             WorkerError: self._worker_error,
             Goodbye: self._goodbye,
@@ -268,6 +270,17 @@ class WorkerMessages:
                 self.s.metrics.observe_ttft(req.first_token_at - req.submitted_at)
         req.stream._push(StreamEvent(tokens, logprobs=logprobs))
 
+    def _prompt_logprobs(self, worker: WorkerState, msg: PromptLogprobs) -> None:
+        req = self._owned(worker, msg.request_id)
+        if req.sampling.prompt_logprobs < 0 or req.prompt_scored or req.generated:
+            raise BadMessage(ErrorCode.MALFORMED, "prompt logprobs were not asked for or already sent")
+        entries = _logprob_entries(
+            msg.logprobs, msg.top_ids, msg.top_logprobs, len(req.prompt) - 1, req.sampling.prompt_logprobs
+        )
+        req.prompt_scored = True
+        if not req.aborted:
+            req.stream._push(StreamEvent([], prompt_logprobs=entries))
+
     def _finished(self, worker: WorkerState, msg: Finished) -> None:
         req = self._owned(worker, msg.request_id)
         if msg.tokens or msg.page_ids:
@@ -289,11 +302,21 @@ class WorkerMessages:
 def _token_logprobs(msg: Generated, num_tokens: int) -> tuple[LogprobEntry, ...]:
     """The frame's logprobs, one entry per token; BadMessage when the arrays do not fit the tokens."""
     k, rest = divmod(len(msg.top_ids), 4 * num_tokens)
-    if len(msg.logprobs) != 4 * num_tokens or rest or len(msg.top_logprobs) != len(msg.top_ids):
+    if rest:
         raise BadMessage(
             ErrorCode.MALFORMED, f"logprobs of {num_tokens} tokens do not fit the frame's arrays"
         )
-    values = np.frombuffer(msg.logprobs, "<f4").tolist()
-    top_ids = np.frombuffer(msg.top_ids, "<i4").reshape(num_tokens, k).tolist()
-    top_values = np.frombuffer(msg.top_logprobs, "<f4").reshape(num_tokens, k).tolist()
-    return tuple(zip(values, top_ids, top_values, strict=True))
+    return _logprob_entries(msg.logprobs, msg.top_ids, msg.top_logprobs, num_tokens, k)
+
+
+def _logprob_entries(
+    logprobs: bytes, top_ids: bytes, top_logprobs: bytes, count: int, k: int
+) -> tuple[LogprobEntry, ...]:
+    """`count` entries of (float32 log-probability, k int32 ids, k float32 values) from a frame's arrays;
+    BadMessage when their sizes do not say exactly that."""
+    if len(logprobs) != 4 * count or len(top_ids) != 4 * count * k or len(top_logprobs) != len(top_ids):
+        raise BadMessage(ErrorCode.MALFORMED, f"logprobs of {count} tokens do not fit the frame's arrays")
+    values = np.frombuffer(logprobs, "<f4").tolist()
+    ids = np.frombuffer(top_ids, "<i4").reshape(count, k).tolist()
+    top_values = np.frombuffer(top_logprobs, "<f4").reshape(count, k).tolist()
+    return tuple(zip(values, ids, top_values, strict=True))

@@ -93,6 +93,8 @@ class Scheduler:
         tokens = req.known_tokens(len(req.prompt) + len(req.generated))
         n = len(tokens)
         cap = (n - 1) // self.page_size * self.page_size
+        if _scores_prompt(req):
+            cap = 0  # prompt logprobs need every prompt position's logits: nothing comes from the cache
         page_deadline = time.monotonic() + settings.page_wait_timeout_s
         worker_deadline = time.monotonic() + settings.worker_wait_timeout_s
         wait_for_pending = True
@@ -145,6 +147,8 @@ class Scheduler:
         if req.generated:  # a re-dispatch: the budgets count what this attempt still has to generate
             min_tokens = max(0, sampling.min_tokens - len(req.generated))
             sampling = msgspec.structs.replace(sampling, max_tokens=max_tokens, min_tokens=min_tokens)
+        if sampling.prompt_logprobs >= 0 and not _scores_prompt(req):  # delivered by an earlier attempt
+            sampling = msgspec.structs.replace(sampling, prompt_logprobs=-1)
         dispatch = Dispatch(
             request_id=req.request_id,
             tokens=ids_to_bytes(tokens),
@@ -275,3 +279,8 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.observe_e2e(time.monotonic() - req.submitted_at)
             self.metrics.count_request(outcome)
+
+
+def _scores_prompt(req: RequestState) -> bool:
+    """Whether this attempt must compute the prompt's logprobs (asked for, not delivered yet)."""
+    return req.sampling.prompt_logprobs >= 0 and not req.prompt_scored

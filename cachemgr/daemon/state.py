@@ -99,6 +99,7 @@ class RequestState:
     admit_task: asyncio.Task[None] | None = None
     abort_timer: asyncio.TimerHandle | None = None
     prompt_bytes: bytes = b""  # the prompt as little-endian int32, for byte-wise commit checks
+    prompt_scored: bool = False  # its PromptLogprobs reached the stream (a re-dispatch skips them)
 
     def __post_init__(self) -> None:
         self.prompt_bytes = self.prompt.tobytes()

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from cachemgr.daemon.errors import RequestFailed
 from shared.protocol import FinishReason
 
-# One output token's logprobs: (its log-probability, the top ids, their log-probabilities).
-LogprobEntry = tuple[float, list[int], list[float]]
+# One token's logprobs: (its log-probability, the top ids, their log-probabilities). None for a prompt's
+# first token, which has no context (echo).
+LogprobEntry = tuple[float | None, list[int], list[float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,8 @@ class StreamEvent:
     finish_reason: FinishReason | None = None
     stop_text: str = ""
     logprobs: tuple[LogprobEntry, ...] = ()  # one per token, when the request asked for logprobs
+    # Prompt tokens 1..n-1 (SamplingParams.prompt_logprobs): in one event of their own, before any token
+    prompt_logprobs: tuple[LogprobEntry, ...] = ()
 
 
 class RequestStream:

@@ -98,7 +98,14 @@ class _Api:
             token_ids = await self._off_loop(self.tokenizer.encode, parsed.prompt)
         else:
             token_ids = self.tokenizer.check_ids(parsed.prompt, "prompt")
-        return await self._generate(request, parsed.params, token_ids, chat=False)
+        echo = None
+        if parsed.echo:  # the prompt as sent, or the text of its token ids
+            echo = (
+                parsed.prompt
+                if isinstance(parsed.prompt, str)
+                else await self._off_loop(self.tokenizer.decode, token_ids)
+            )
+        return await self._generate(request, parsed.params, token_ids, chat=False, echo=echo)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat(await _json_body(request))
@@ -148,7 +155,13 @@ class _Api:
         return await asyncio.get_running_loop().run_in_executor(None, fn, arg)
 
     async def _generate(
-        self, request: web.Request, params: CommonParams, token_ids: np.ndarray, *, chat: bool
+        self,
+        request: web.Request,
+        params: CommonParams,
+        token_ids: np.ndarray,
+        *,
+        chat: bool,
+        echo: str | None = None,
     ) -> web.StreamResponse:
         if not len(token_ids):
             raise bad_request("The prompt is empty after tokenization.", param="prompt")
@@ -167,6 +180,7 @@ class _Api:
             sampling=params.sampling(default_max),
             stream=params.stream,
             include_usage=params.include_usage,
+            echo=echo,
         )
         namespace = self.daemon_namespace(request[API_KEY], params.cache_salt)
         streams: list[RequestStream] = []

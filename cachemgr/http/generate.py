@@ -41,6 +41,7 @@ class Generation:
     sampling: SamplingParams
     stream: bool
     include_usage: bool
+    echo: str | None = None  # completions with echo: the prompt's text, leading every choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +89,32 @@ async def submit(daemon: object, namespace: object, gen: Generation, request_id:
         raise bad_request(str(exc)) from None
 
 
+def _echo_piece(gen: Generation, prompt_logprobs: tuple[LogprobEntry, ...] | None) -> _Piece:
+    """The prompt as the first piece of a choice (echo): its text, its tokens and, when the request
+    asked for logprobs, theirs (the first token has none: nothing comes before it)."""
+    assert gen.echo is not None
+    entries = ((None, [], []), *prompt_logprobs) if prompt_logprobs is not None else ()
+    return _Piece(gen.echo, None, [int(t) for t in gen.token_ids], entries)
+
+
 async def _pieces(
-    stream: RequestStream, assembler: TextAssembler, counter: list[int]
+    stream: RequestStream, assembler: TextAssembler, counter: list[int], gen: Generation
 ) -> AsyncIterator[_Piece]:
-    """The request's output as text pieces; the last piece has the finish reason. counter[0] counts
-    output tokens. Raises APIError 503 when the daemon failed or aborted the request."""
+    """The request's output as text pieces, after the echoed prompt when asked; the last piece has the
+    finish reason. counter[0] counts output tokens. Raises APIError 503 when the daemon failed or aborted
+    the request."""
+    echo_due = gen.echo is not None
+    if echo_due and gen.sampling.prompt_logprobs < 0:
+        yield _echo_piece(gen, None)
+        echo_due = False
     try:
         async for event in stream:
+            if echo_due and (event.prompt_logprobs or event.token_ids or event.finish_reason is not None):
+                # The prompt's logprobs come first, in an event of their own.
+                yield _echo_piece(gen, event.prompt_logprobs if event.prompt_logprobs else None)
+                echo_due = False
+                if not event.token_ids and event.finish_reason is None:
+                    continue
             counter[0] += len(event.token_ids)
             text = assembler.push(event.token_ids)
             ids, logprobs = event.token_ids, event.logprobs
@@ -130,7 +150,7 @@ async def respond(
     counters = [[0] for _ in streams]
     formatters = [_LogprobsFormatter(gen.shape.chat, token_text) for _ in streams]
     pieces = [
-        _pieces(stream, TextAssembler(detok, gen.sampling.stop), counter)
+        _pieces(stream, TextAssembler(detok, gen.sampling.stop), counter, gen)
         for stream, detok, counter in zip(streams, detokenizers, counters, strict=True)
     ]
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, streams))

@@ -1,12 +1,12 @@
 """Request bodies of /v1/completions and /v1/chat/completions -> validated, immutable requests.
 
-Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (best_of > 1, echo,
-tools) are refused with a 400 naming the field, rather than silently answered differently.
+Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (best_of > 1, tools) are
+refused with a 400 naming the field, rather than silently answered differently.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ class CommonParams:
     min_p: float = 0.0
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    prompt_logprobs: int = -1  # completions with echo and logprobs: the prompt's logprobs too
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """SamplingParams for the daemon. Raises APIError 400 for out-of-range values."""
@@ -65,6 +66,7 @@ class CommonParams:
             min_p=self.min_p,
             logit_bias=dict(self.logit_bias),
             min_tokens=self.min_tokens,
+            prompt_logprobs=self.prompt_logprobs,
         )
         try:
             params.validate()
@@ -78,6 +80,7 @@ class CompletionRequest:
     # Token ids: a tuple from a plain dict body, an int64 ndarray from cachemgr.http.body's fast path.
     prompt: str | tuple[int, ...] | np.ndarray
     params: CommonParams
+    echo: bool = False  # the prompt leads each choice's text (and its logprobs, with logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +93,15 @@ def parse_completion(body: Any) -> CompletionRequest:
     """Validate a /v1/completions body. Raises APIError 400 naming the offending field."""
     _require_object(body)
     _refuse_unsupported(body)
-    if body.get("echo"):
-        raise bad_request("echo is not supported", param="echo")
+    echo = _opt(body, "echo", bool, False)
     if "prompt" not in body:
         raise bad_request("'prompt' is a required property", param="prompt")
     # logprobs k: the chosen tokens' log-probabilities plus the k most likely at each position
     k = _int_within(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     params = _common(body, "max_tokens", -1 if k is None else k)
-    return CompletionRequest(prompt=_prompt(body["prompt"]), params=params)
+    if echo and k is not None:
+        params = replace(params, prompt_logprobs=k)
+    return CompletionRequest(prompt=_prompt(body["prompt"]), params=params, echo=echo)
 
 
 def parse_chat(body: Any) -> ChatRequest:

@@ -138,8 +138,8 @@ def completion_logprobs(
         offsets.append(offset)
         offset += len(text)
     top = [
-        {token_text(t): v for t, v in zip(top_ids, top_values, strict=True)}
-        for _, top_ids, top_values in entries
+        {token_text(t): v for t, v in zip(top_ids, top_values, strict=True)} if value is not None else None
+        for value, top_ids, top_values in entries
     ]
     body = {
         "tokens": tokens,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,9 +26,10 @@ import torch
 
 from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.logits_processing import processed_logits, row_history
+from computeworker.engine.prompt_scoring import prompt_logprobs_frame, score_chunks, scoring_rows
 from computeworker.engine.request import Phase, Request
 from computeworker.engine.sampling import RowSampling, TokenLogprobs, sample_batch, token_logprobs
-from computeworker.engine.scheduler import build_batch, plan_step
+from computeworker.engine.scheduler import StepEntry, build_batch, plan_step
 from computeworker.engine.stop import DetokenizerSource, StopStringMatcher
 from computeworker.model.batch import AttentionBackend, ForwardBatch
 from shared.ids import bytes_to_ids, ids_to_bytes
@@ -250,10 +251,16 @@ class Engine:
         self._last_step_prefilled = num_prefill > 0
         batch = build_batch(entries, self.config.page_size, self._pool.device)
         built = time.perf_counter()
-        logits = self._model.forward(batch, self._pool, self._attention)
+        scoring = _scoring_chunks(entries)
+        logits = self._model.forward(batch, self._pool, self._attention, all_logits=bool(scoring))
         issued = time.perf_counter()
         if self._make_fence is not None:
             self._last_fence = self._make_fence()
+        if scoring:  # every token's logits: score the prompt chunks, keep each sequence's last row
+            for (req, *_), scores in zip(scoring, score_chunks(logits, scoring), strict=True):
+                req.prompt_scores.append(scores)
+            last_rows = torch.from_numpy(np.cumsum(batch.q_lens) - 1).to(logits.device)
+            logits = logits.index_select(0, last_rows)
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
         if len(sampling_rows) < len(entries):  # some rows end mid-prompt (chunked prefill)
             logits = logits[sampling_rows]
@@ -313,6 +320,10 @@ class Engine:
             raise ValueError(f"matched_len {msg.matched_len} is not a page boundary within the prompt")
         if not 0 <= msg.num_generated < len(prompt):
             raise ValueError(f"num_generated {msg.num_generated} is not within the {len(prompt)} tokens")
+        if msg.sampling.prompt_logprobs >= 0 and (msg.matched_len or msg.num_generated):
+            raise ValueError(
+                "prompt_logprobs need the whole prompt computed: no cached prefix, no resumed output"
+            )
         if len(prefix) != msg.matched_len // ps:
             raise ValueError(f"{len(prefix)} prefix pages for matched_len {msg.matched_len}")
         page_table = np.concatenate([prefix, new])  # a writable copy: CommitAck rewrites its head
@@ -363,6 +374,9 @@ class Engine:
         request finishes."""
         prompt_done_now = req.num_output == 0
         params = req.sampling
+        if prompt_done_now and params.prompt_logprobs >= 0:
+            self._outbox.append((prompt_logprobs_frame(req, req.prompt_scores), None))
+            req.prompt_scores.clear()
         is_eos = token in self.config.eos_token_ids and not params.ignore_eos
         if is_eos or token in params.stop_token_ids:
             req.finish(FinishReason.STOP)  # the stop token itself is not part of the output
@@ -427,6 +441,19 @@ class Engine:
             num_pages = min(needed, max(self.config.decode_page_chunk, -(-shortfall // ps)))
             self._outbox.append((PageRequest(req.request_id, num_pages), None))
             req.pages_requested = True
+
+
+def _scoring_chunks(entries: Sequence[StepEntry]) -> list[tuple[Request, int, int, int]]:
+    """(request, first logits row, first position, scoring rows) of the step's chunks that score prompt
+    tokens (see computeworker.engine.prompt_scoring); rows are numbered over the whole batch."""
+    chunks, row = [], 0
+    for entry in entries:
+        req = entry.request
+        n = scoring_rows(req, req.num_computed, entry.num_tokens)
+        if n:
+            chunks.append((req, row, req.num_computed, n))
+        row += entry.num_tokens
+    return chunks
 
 
 def _generated(req: Request, tokens: list[int]) -> Generated:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from computeworker.engine.sampling import TokenLogprobs
 from computeworker.engine.stop import StopStringMatcher
 from shared.ids import ID_DTYPE
 from shared.protocol import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from computeworker.engine.prompt_scoring import PromptScores
 
 
 class Phase(enum.Enum):
@@ -79,6 +82,7 @@ class Request:
     _output_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=ID_DTYPE))  # see generated_ids
     _num_output_ids: int = 0
     _prompt_token_set: tuple[tuple[int, str], Any] | None = None  # ((vocab, device), the set)
+    prompt_scores: list[PromptScores] = field(default_factory=list)  # prompt logprobs, chunk by chunk
 
     @property
     def num_tokens(self) -> int:

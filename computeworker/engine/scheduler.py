@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from computeworker.engine.prompt_scoring import SCORING_STEP_TOKENS, scoring_rows
 from computeworker.engine.request import Request
 from computeworker.model.batch import ForwardBatch
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
@@ -43,19 +44,28 @@ def plan_step(
     keeps the step off the decode CUDA graph (measured on an H200: a step of 1.7k prefill tokens plus 118
     decodes took ~80 ms, while a pure prefill step runs ~23 ms per 1k tokens and a graphed decode step of
     128 sequences ~15 ms). Prefill goes first, but never twice in a row while decodes wait
-    (`after_prefill`: the previous step was a prefill step), so a stream of arrivals cannot starve them."""
+    (`after_prefill`: the previous step was a prefill step), so a stream of arrivals cannot starve them.
+    A step with a chunk that scores its prompt (prompt logprobs: every token's logits) holds at most
+    SCORING_STEP_TOKENS prefill tokens."""
     if prefill_chunk < 1:
         raise ValueError("prefill_chunk must be at least 1")
     decodes = [StepEntry(req, 1) for req in running if req.can_step() and not req.is_prefilling]
     prefills: list[StepEntry] = []
     budget = prefill_chunk
+    used = 0
     for req in running:
         if budget == 0:
             break
         if req.can_step() and req.is_prefilling:
             n = min(req.num_pending_tokens, req.num_free_slots, budget)
+            if scoring_rows(req, req.num_computed, n):  # the step computes every token's logits
+                n = min(n, SCORING_STEP_TOKENS - used)
+                if n <= 0:
+                    continue  # its turn comes when it is the oldest prefill
+                budget = min(budget, SCORING_STEP_TOKENS - used)
             prefills.append(StepEntry(req, n))
             budget -= n
+            used += n
     if mixed:
         return decodes + prefills
     if prefills and not (decodes and after_prefill):

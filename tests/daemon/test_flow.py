@@ -198,3 +198,23 @@ async def test_queue_bound_gives_overloaded(pool: OwnedPool, tmp_path: Path, pro
     finally:
         await daemon.stop()
     daemon.check()
+
+
+async def test_prompt_logprobs_compute_the_whole_prompt_and_come_first(
+    daemon: Daemon, procs: ProcessGroup
+) -> None:
+    await start_workers(daemon, procs, ())
+    await collect(await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=2)))  # the prefix is cached now
+    stream = await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=1))
+    events = [event async for event in stream]
+    first = events[0]
+    assert first.token_ids == [] and len(first.prompt_logprobs) == len(PROMPT) - 1
+    assert first.prompt_logprobs[0] == (
+        pytest.approx(-PROMPT[1] / 100),
+        [PROMPT[1]],
+        [pytest.approx(-PROMPT[1] / 100)],
+    )
+    assert [t for e in events for t in e.token_ids] == expected_output(PROMPT, 2)
+    assert stream.cached_tokens == 0 and dispatches(procs)[-1]["computed"] == len(PROMPT)
+    assert daemon.cache.stats().num_leases == 0
+    daemon.check()

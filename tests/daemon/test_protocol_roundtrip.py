@@ -23,6 +23,7 @@ from shared.protocol import (
     PageRequest,
     PagesGranted,
     PoolDescriptor,
+    PromptLogprobs,
     Register,
     SamplingParams,
     Shutdown,
@@ -52,6 +53,9 @@ TO_DAEMON = [
     Commit(request_id=RID, tokens=TOKENS, page_ids=PAGES),
     PageRequest(request_id=RID, num_pages=4),
     Generated(request_id=RID, tokens=ids_to_bytes([7, 8])),
+    PromptLogprobs(
+        request_id=RID, logprobs=b"\x00" * 8, top_ids=ids_to_bytes([1, 2]), top_logprobs=b"\x00" * 8
+    ),
     Finished(
         request_id=RID, reason=FinishReason.STOP, tokens=TOKENS[:64], page_ids=PAGES[:4], stop_text="\n\n"
     ),

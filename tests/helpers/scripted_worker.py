@@ -39,6 +39,7 @@ from shared.protocol import (
     Heartbeat,
     PageRequest,
     PagesGranted,
+    PromptLogprobs,
     Register,
     Shutdown,
     Welcome,
@@ -259,6 +260,19 @@ class ScriptedWorker:
             + self.args.prefill_delay
             + self.args.prefill_delay_per_token * (len(tokens) - msg.matched_len),
         )
+        k = msg.sampling.prompt_logprobs
+        if k >= 0:  # made up: prompt token t scores -t/100, its alternatives t, t+1, ... score lower
+            scored = tokens[1:]
+            self.send(
+                PromptLogprobs(
+                    request_id=msg.request_id,
+                    logprobs=np.array([-t / 100 for t in scored], "<f4").tobytes(),
+                    top_ids=ids_to_bytes([t + j for t in scored for j in range(k)]),
+                    top_logprobs=np.array(
+                        [-(t + j) / 100 for t in scored for j in range(k)], "<f4"
+                    ).tobytes(),
+                )
+            )
 
     # ---------------------------------------------------------------- compute
 

@@ -92,12 +92,14 @@ class ScriptedDaemon:
         stream = RequestStream(rid, len(token_ids), on_abort)
         holder.append(stream)
         self.submitted.append(Submitted(ns, list(token_ids), sampling, stream))
-        asyncio.get_running_loop().create_task(self._play(stream, sampling))
+        asyncio.get_running_loop().create_task(self._play(stream, sampling, list(token_ids)))
         return stream
 
-    async def _play(self, stream: RequestStream, sampling: SamplingParams) -> None:
+    async def _play(self, stream: RequestStream, sampling: SamplingParams, prompt: list[int]) -> None:
         await asyncio.sleep(0)
         stream._mark_dispatched(self.cached_tokens)
+        if sampling.prompt_logprobs >= 0:
+            stream._push(StreamEvent([], prompt_logprobs=fake_logprobs(prompt[1:], sampling.prompt_logprobs)))
         out = self.output[: sampling.max_tokens]
         frames = [out[i : i + self.frame] for i in range(0, len(out), self.frame)]
         for i, ids in enumerate(frames):

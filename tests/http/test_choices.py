@@ -153,3 +153,37 @@ async def test_chat_logprobs_not_streamed(client: TestClient, daemon: ScriptedDa
         ],
         "refusal": None,
     }
+
+
+async def test_echo_leads_the_text_with_the_prompt(client: TestClient, daemon: ScriptedDaemon) -> None:
+    r = await client.post("/v1/completions", json={"prompt": "Hi ", "max_tokens": 4, "echo": True})
+    assert (await r.json())["choices"][0]["text"] == "Hi Hell"
+    assert daemon.submitted[0].sampling.prompt_logprobs == -1  # no logprobs asked: the cache may serve it
+    ids = await client.post(
+        "/v1/completions", json={"prompt": [72, 105], "max_tokens": 2, "echo": True, "n": 2}
+    )
+    assert [c["text"] for c in (await ids.json())["choices"]] == ["HiHe", "HiHe"]  # token ids echo as text
+    r = await client.post(
+        "/v1/completions", json={"prompt": "Hi ", "max_tokens": 4, "echo": True, "stream": True}
+    )
+    texts = [e["choices"][0]["text"] for e in sse_events(await r.text()) if e != "[DONE]" and e["choices"]]
+    assert texts[0] == "Hi " and "".join(texts) == "Hi Hell"
+
+
+async def test_echo_with_logprobs_scores_the_prompt(client: TestClient, daemon: ScriptedDaemon) -> None:
+    """The evaluation harnesses' call: echo + logprobs + max_tokens 1. The prompt's tokens come first in
+    the legacy logprobs object, the first one without a value; the offsets run through prompt and output."""
+    body = {"prompt": "Hi!", "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    r = await client.post("/v1/completions", json=body)
+    choice = (await r.json())["choices"][0]
+    assert daemon.submitted[0].sampling.prompt_logprobs == 1
+    assert choice["text"] == "Hi!H"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["H", "i", "!", "H"]
+    assert lp["token_logprobs"] == [None, -ord("i") / 100, -ord("!") / 100, -ord("H") / 100]
+    assert lp["top_logprobs"][0] is None and lp["top_logprobs"][1] == {"i": -ord("i") / 100}
+    assert lp["text_offset"] == [0, 1, 2, 3]
+    streamed = await client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [e["choices"][0] for e in sse_events(await streamed.text()) if e != "[DONE]" and e["choices"]]
+    assert chunks[0]["text"] == "Hi!" and chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert chunks[1]["logprobs"]["text_offset"] == [3]

@@ -128,6 +128,28 @@ def test_logit_bias_and_penalties_through_the_openai_client(api: openai.OpenAI) 
     assert outside.value.param == "logit_bias"
 
 
+def test_echo_with_logprobs_scores_a_text_as_generation_would(api: openai.OpenAI) -> None:
+    """The evaluation harnesses' loglikelihood call (echo, logprobs 1, max_tokens 1): the echoed prompt's
+    last token scores what the model gave it when it generated that token after the same context."""
+    model = _model(api)
+    generated = api.completions.create(
+        model=model, prompt="Red, green and", max_tokens=1, temperature=0, logprobs=1
+    )
+    token = generated.choices[0].logprobs.tokens[0]
+    value = generated.choices[0].logprobs.token_logprobs[0]
+    scored = api.completions.create(
+        model=model, prompt="Red, green and" + token, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    choice = scored.choices[0]
+    assert choice.text.startswith("Red, green and" + token)
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    last_prompt = len(lp.tokens) - 2  # the last one is the generated token
+    assert lp.tokens[last_prompt] == token
+    assert lp.token_logprobs[last_prompt] == pytest.approx(value, abs=1e-3)
+    assert all(v <= 0.0 for v in lp.token_logprobs[1:])
+
+
 def test_five_turn_chat_reuses_the_conversation(api: openai.OpenAI) -> None:
     model = _model(api)
     messages = [{"role": "system", "content": SYSTEM}]

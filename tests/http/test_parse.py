@@ -89,7 +89,7 @@ def test_include_usage_only_applies_to_streams() -> None:
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "logprobs": -1}, "logprobs"),
         ({"prompt": "x", "logprobs": True}, "logprobs"),
-        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "echo": "yes"}, "echo"),
         ({"prompt": "x", "cache_salt": 7}, "cache_salt"),
         ({"prompt": "x", "model": 7}, "model"),
         ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),

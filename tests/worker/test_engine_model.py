@@ -16,8 +16,10 @@ import torch
 
 from computeworker.engine.engine import Engine, EngineConfig
 from computeworker.engine.logits_processing import RowHistory, processed_logits
+from computeworker.engine.prompt_scoring import SCORING_STEP_TOKENS
 from computeworker.model.attention_torch import TorchAttention
 from computeworker.model.batch import ForwardBatch
+from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.llama import LlamaModel
 from computeworker.model.loader import load_model
 from shared.ids import bytes_to_ids, ids_to_bytes
@@ -32,6 +34,7 @@ from shared.protocol import (
     Generated,
     PageRequest,
     PagesGranted,
+    PromptLogprobs,
     SamplingParams,
 )
 
@@ -83,6 +86,8 @@ class MiniDaemon:
     tree: dict[tuple[int, ...], int] = field(default_factory=dict)  # token prefix (full pages) -> page
     outputs: dict[bytes, list[int]] = field(default_factory=dict)
     frames: list[Generated] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # message type names, as sent
+    prompt_frames: list[PromptLogprobs] = field(default_factory=list)
     finished: dict[bytes, Finished] = field(default_factory=dict)
 
     def dispatch(
@@ -128,6 +133,9 @@ class MiniDaemon:
         while True:
             messages = self.engine.take_messages()
             for msg in messages:
+                self.order.append(type(msg).__name__)
+                if isinstance(msg, PromptLogprobs):
+                    self.prompt_frames.append(msg)
                 if isinstance(msg, PageRequest):
                     grant = [self.free.pop(0) for _ in range(msg.num_pages)]
                     self.engine.on_pages_granted(PagesGranted(msg.request_id, ids_to_bytes(grant)))
@@ -315,3 +323,36 @@ def test_min_tokens_holds_back_eos_and_stop_tokens(tiny: LlamaModel, pool: Mappe
     held.run()
     out = held.outputs[b"e" * 16]
     assert len(out) >= 3 and not {first, first + 1} & set(out[:3])
+
+
+@pytest.mark.parametrize("prefill_chunk", [64, 5])
+def test_prompt_logprobs_score_every_prompt_token(
+    tiny: LlamaModel, pool: MappedPool, prefill_chunk: int
+) -> None:
+    """Each prompt token t >= 1 gets log-softmax(logits at t - 1)[token t] and the top 2 there, computed
+    in one chunk or in chunks of 5; the frame goes out before the first generated token."""
+    mini, rec = _mini(tiny, pool, prefill_chunk=prefill_chunk)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    mini.dispatch(b"q" * 16, PROMPT, params, use_cache=False)
+    mini.run()
+    (frame,) = mini.prompt_frames
+    assert mini.order.index("PromptLogprobs") < mini.order.index("Generated")
+    got = np.frombuffer(frame.logprobs, "<f4")
+    top_ids = np.frombuffer(frame.top_ids, "<i4").reshape(-1, 2)
+    scratch = torch.zeros_like(pool.tensor)  # a cold pass over the whole prompt, outside the engine
+    batch = build_forward_batch([SeqChunk(PROMPT, 0, list(range(4)))], PAGE, "cpu")
+    reference = torch.log_softmax(tiny.forward(batch, scratch, TorchAttention(), True).float(), dim=-1)
+    assert len(got) == len(PROMPT) - 1
+    for t in range(1, len(PROMPT)):
+        assert got[t - 1] == pytest.approx(float(reference[t - 1, PROMPT[t]]), abs=1e-4)
+        assert top_ids[t - 1].tolist() == torch.topk(reference[t - 1], 2).indices.tolist()
+    assert len(mini.outputs[b"q" * 16]) == 2  # generation goes on as usual
+    assert all(logits.shape[0] <= SCORING_STEP_TOKENS for logits in rec.logits)
+
+
+def test_prompt_logprobs_refuse_a_cached_prefix(tiny: LlamaModel, pool: MappedPool) -> None:
+    mini, _ = _mini(tiny, pool)
+    mini.dispatch(b"a" * 16, PROMPT, GREEDY)
+    mini.run()
+    with pytest.raises(ValueError, match="whole prompt"):
+        mini.dispatch(b"b" * 16, PROMPT, msgspec.structs.replace(GREEDY, prompt_logprobs=0))
