@@ -17,20 +17,21 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from computeworker.engine.dispatch import check_page_ids, request_from_dispatch
 from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.logits_processing import processed_logits, row_history
-from computeworker.engine.prompt_scoring import prompt_logprobs_frame, score_chunks, scoring_rows
+from computeworker.engine.prompt_scoring import prompt_logprobs_frame, score_chunks
 from computeworker.engine.request import Phase, Request
 from computeworker.engine.sampling import RowSampling, TokenLogprobs, sample_batch, token_logprobs
-from computeworker.engine.scheduler import StepEntry, build_batch, plan_step
-from computeworker.engine.stop import DetokenizerSource, StopStringMatcher
+from computeworker.engine.scheduler import build_batch, plan_step, scoring_chunks
+from computeworker.engine.stop import DetokenizerSource
 from computeworker.model.batch import AttentionBackend, ForwardBatch
 from shared.ids import bytes_to_ids, ids_to_bytes
 from shared.protocol import (
@@ -251,7 +252,7 @@ class Engine:
         self._last_step_prefilled = num_prefill > 0
         batch = build_batch(entries, self.config.page_size, self._pool.device)
         built = time.perf_counter()
-        scoring = _scoring_chunks(entries)
+        scoring = scoring_chunks(entries)
         logits = self._model.forward(batch, self._pool, self._attention, all_logits=bool(scoring))
         issued = time.perf_counter()
         if self._make_fence is not None:
@@ -307,61 +308,15 @@ class Engine:
     # ------------------------------------------------------------------ internals
 
     def _make_request(self, msg: Dispatch) -> Request:
-        ps = self.config.page_size
-        prompt = bytes_to_ids(msg.tokens)  # a view of the frame: never copied into Python ints
-        prefix = bytes_to_ids(msg.prefix_page_ids)
-        new = bytes_to_ids(msg.new_page_ids)
-        msg.sampling.validate()
-        if not len(prompt):
-            raise ValueError("empty prompt")
         if self.get(msg.request_id) is not None:
             raise ValueError(f"request {msg.request_id.hex()} is already here")
-        if not 0 <= msg.matched_len <= len(prompt) or msg.matched_len % ps:
-            raise ValueError(f"matched_len {msg.matched_len} is not a page boundary within the prompt")
-        if not 0 <= msg.num_generated < len(prompt):
-            raise ValueError(f"num_generated {msg.num_generated} is not within the {len(prompt)} tokens")
-        if msg.sampling.prompt_logprobs >= 0 and (msg.matched_len or msg.num_generated):
-            raise ValueError(
-                "prompt_logprobs need the whole prompt computed: no cached prefix, no resumed output"
-            )
-        if len(prefix) != msg.matched_len // ps:
-            raise ValueError(f"{len(prefix)} prefix pages for matched_len {msg.matched_len}")
-        page_table = np.concatenate([prefix, new])  # a writable copy: CommitAck rewrites its head
-        self._check_page_ids(page_table)
-        max_len = min(len(prompt) + msg.sampling.max_tokens, self.config.context_len)
-        req = Request(
-            request_id=msg.request_id,
-            prompt=prompt,
-            prompt_len=len(prompt),
-            matched_len=msg.matched_len,
-            sampling=msg.sampling,
-            page_size=ps,
-            max_len=max_len,
-            page_table=page_table,
-            num_computed=msg.matched_len,
-            sample_seed=msg.sampling.seed if msg.sampling.seed is not None else self._rng.getrandbits(63),
-            sample_offset=msg.num_generated,
+        seed = msg.sampling.seed if msg.sampling.seed is not None else self._rng.getrandbits(63)
+        return request_from_dispatch(
+            msg, self.config.page_size, self.config.context_len, self._pool.shape[1], seed, self._tokenizer
         )
-        if msg.matched_len == len(prompt):
-            # Full hit: recompute the last prompt token into a private copy of its page.
-            req.num_computed = len(prompt) - 1
-            req.cow_source = int(prefix[-1])
-            req.page_table = np.delete(page_table, len(prefix) - 1)
-        if msg.sampling.stop:
-            detok = self._tokenizer.detokenizer(prompt.tolist())
-            req.stop_matcher = StopStringMatcher(msg.sampling.stop, detok)
-        if len(prompt) >= self.config.context_len:
-            req.finish(FinishReason.LENGTH)
-        return req
 
     def _check_page_ids(self, page_ids: np.ndarray) -> None:
-        num_pages = self._pool.shape[1]
-        if len(page_ids) == 0:
-            return
-        if page_ids.min() < 0 or page_ids.max() >= num_pages:
-            raise ValueError(f"page ids outside the pool of {num_pages} pages")
-        if len(np.unique(page_ids)) != len(page_ids):
-            raise ValueError("duplicate page ids")
+        check_page_ids(page_ids, self._pool.shape[1])
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.config.max_running:
@@ -441,19 +396,6 @@ class Engine:
             num_pages = min(needed, max(self.config.decode_page_chunk, -(-shortfall // ps)))
             self._outbox.append((PageRequest(req.request_id, num_pages), None))
             req.pages_requested = True
-
-
-def _scoring_chunks(entries: Sequence[StepEntry]) -> list[tuple[Request, int, int, int]]:
-    """(request, first logits row, first position, scoring rows) of the step's chunks that score prompt
-    tokens (see computeworker.engine.prompt_scoring); rows are numbered over the whole batch."""
-    chunks, row = [], 0
-    for entry in entries:
-        req = entry.request
-        n = scoring_rows(req, req.num_computed, entry.num_tokens)
-        if n:
-            chunks.append((req, row, req.num_computed, n))
-        row += entry.num_tokens
-    return chunks
 
 
 def _generated(req: Request, tokens: list[int]) -> Generated:

@@ -82,3 +82,16 @@ def build_batch(entries: Sequence[StepEntry], page_size: int, device: torch.devi
         start = req.num_computed
         chunks.append(SeqChunk(req.token_ids(start, start + entry.num_tokens), start, req.page_table))
     return build_forward_batch(chunks, page_size, device)
+
+
+def scoring_chunks(entries: Sequence[StepEntry]) -> list[tuple[Request, int, int, int]]:
+    """(request, first logits row, first position, scoring rows) of the step's chunks that score prompt
+    tokens (see computeworker.engine.prompt_scoring); rows are numbered over the whole batch."""
+    chunks, row = [], 0
+    for entry in entries:
+        req = entry.request
+        n = scoring_rows(req, req.num_computed, entry.num_tokens)
+        if n:
+            chunks.append((req, row, req.num_computed, n))
+        row += entry.num_tokens
+    return chunks
