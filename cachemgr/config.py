@@ -160,6 +160,14 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
     ),
     ("max_attempts", int, 3, "Dispatches per request before a request whose workers keep dying fails."),
     (
+        "shutdown_grace",
+        float,
+        25.0,
+        "On SIGTERM / SIGINT: seconds the accepted requests get to finish while new ones are refused (503 "
+        "'shutting_down', /health 503 'draining'); 0 = stop at once. A second signal stops at once. Keep it "
+        "below the orchestrator's kill timeout (compose: stop_grace_period 30s).",
+    ),
+    (
         "dispatch",
         str,
         "auto",
@@ -214,6 +222,7 @@ class DaemonConfig:
     worker_wait_timeout: float
     decode_page_chunk: int
     max_attempts: int
+    shutdown_grace: float
     dispatch: str
     eviction_policy: str
     kv_events_endpoint: str
@@ -227,6 +236,8 @@ class DaemonConfig:
             raise ValueError(f"kv dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if not 0 <= self.http_port <= 65535:
             raise ValueError(f"http port out of range: {self.http_port}")
+        if not 0 <= self.shutdown_grace <= 3600:
+            raise ValueError(f"shutdown grace must be in [0, 3600] seconds, got {self.shutdown_grace}")
         if self.page_size < 1 or self.page_size > 1024:
             raise ValueError(f"page size must be in [1, 1024], got {self.page_size}")
         if self.num_pages is not None and self.num_pages < 2:

@@ -63,6 +63,9 @@ def _make_cache(config: DaemonConfig, num_pages: int, events: Any) -> Any:
     return PrefixCache(num_pages, page_size=config.page_size, policy=config.eviction_policy, events=events)
 
 
+_HTTP_SHUTDOWN_S = 3.0
+
+
 async def _start_http(
     config: DaemonConfig, daemon: Daemon, tokenizer: Any, metrics: Any, spec: Any
 ) -> tuple[Any, int]:
@@ -80,7 +83,9 @@ async def _start_http(
         vocab_size=spec.vocab_size,
         tokenize_cache_bytes=config.tokenize_cache_size,
     )
-    runner = web.AppRunner(app, handle_signals=False)
+    # After the drain (see _drain), responses still open get this long before their handlers are
+    # cancelled (which aborts their requests): the stop stays inside the orchestrator's kill timeout.
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=_HTTP_SHUTDOWN_S)
     await runner.setup()
     site = web.TCPSite(runner, config.http_host, config.http_port)
     await site.start()
@@ -107,9 +112,10 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
     run_dir = Path(config.run_dir)
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     stop = stop if stop is not None else asyncio.Event()
+    again = asyncio.Event()  # a second signal while draining: stop now
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: again.set() if stop.is_set() else stop.set())
 
     if config.pool_kind == "shm":
         for path in remove_stale_daemon_pools(os.getuid()):
@@ -166,7 +172,22 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
             _write_ready(Path(config.ready_file), daemon, config, http_port, pool)
             stack.callback(Path(config.ready_file).unlink, missing_ok=True)
         await stop.wait()
+        await _drain(daemon, config.shutdown_grace, again)
         logger.info("shutting down")
+
+
+async def _drain(daemon: Daemon, grace_s: float, interrupt: asyncio.Event) -> None:
+    """Refuse new requests and give the accepted ones up to `grace_s` seconds to finish (a rolling restart
+    loses none of them); whatever is left is aborted by the shutdown that follows."""
+    if grace_s <= 0:
+        return
+    daemon.begin_drain()
+    running = daemon.stats()["running"] + daemon.stats()["queue_depth"]
+    logger.info("draining: %d requests in flight, up to %.0f s (signal again to stop now)", running, grace_s)
+    if await daemon.wait_idle(grace_s, interrupt):
+        logger.info("drained: every accepted request finished")
+    else:
+        logger.warning("stopping with requests in flight (grace period over or second signal)")
 
 
 def _write_ready(

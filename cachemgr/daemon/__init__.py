@@ -1,7 +1,14 @@
 """The cachemgr daemon core: worker channel, dispatch, leases over the wire, request streams."""
 
 from cachemgr.daemon.daemon import Daemon
-from cachemgr.daemon.errors import DaemonIntegrityError, NoWorkers, Overloaded, PromptTooLarge, RequestFailed
+from cachemgr.daemon.errors import (
+    DaemonIntegrityError,
+    NoWorkers,
+    Overloaded,
+    PromptTooLarge,
+    RequestFailed,
+    ShuttingDown,
+)
 from cachemgr.daemon.settings import DaemonSettings
 from cachemgr.daemon.stream import RequestStream, StreamEvent
 
@@ -14,5 +21,6 @@ __all__ = [
     "PromptTooLarge",
     "RequestFailed",
     "RequestStream",
+    "ShuttingDown",
     "StreamEvent",
 ]

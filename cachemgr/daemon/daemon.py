@@ -20,7 +20,14 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from cachemgr.daemon.errors import DaemonIntegrityError, NoWorkers, Overloaded, PromptTooLarge, RequestFailed
+from cachemgr.daemon.errors import (
+    DaemonIntegrityError,
+    NoWorkers,
+    Overloaded,
+    PromptTooLarge,
+    RequestFailed,
+    ShuttingDown,
+)
 from cachemgr.daemon.link import WorkerLink
 from cachemgr.daemon.messages import WorkerMessages
 from cachemgr.daemon.scheduler import Scheduler
@@ -31,6 +38,8 @@ from cachemgr.daemon.workers import WorkerRegistry
 from shared.protocol import PoolDescriptor, SamplingParams, Shutdown
 
 logger = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.05
 
 
 class Daemon:
@@ -74,6 +83,7 @@ class Daemon:
         self._reaper: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
         self._accepting = False
+        self.draining = False  # begin_drain: new requests are refused while the accepted ones finish
 
     @property
     def metrics(self) -> Any:
@@ -104,6 +114,20 @@ class Daemon:
         self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="heartbeat-reaper")
         self._accepting = True
         logger.info("daemon listening for workers on %s", self._link.endpoint)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests (ShuttingDown) and let the accepted ones run on; see `wait_idle`."""
+        self.draining = True
+
+    async def wait_idle(self, timeout_s: float, interrupt: asyncio.Event | None = None) -> bool:
+        """Wait until no accepted request is left (running or queued), at most `timeout_s` seconds or until
+        `interrupt` is set. Returns whether none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self._scheduler.requests:
+            if time.monotonic() >= deadline or (interrupt is not None and interrupt.is_set()):
+                return False
+            await asyncio.sleep(_IDLE_POLL_S)
+        return True
 
     async def stop(self) -> None:
         """Idempotent. Streams still open end with RequestFailed("daemon shutting down")."""
@@ -158,6 +182,8 @@ class Daemon:
             )
         if not self._accepting:
             raise self._reject(NoWorkers("the daemon is not running"), "no_workers")
+        if self.draining:
+            raise self._reject(ShuttingDown("the server is shutting down"), "shutting_down")
         if len(self._workers) == 0:
             raise self._reject(NoWorkers("no compute worker is registered"), "no_workers")
         if self._scheduler.num_waiting >= self.settings.max_queue:

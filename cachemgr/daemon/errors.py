@@ -13,6 +13,10 @@ class Overloaded(RuntimeError):
     """The request queue is full; try again later (HTTP 503 / 429)."""
 
 
+class ShuttingDown(RuntimeError):
+    """The daemon is draining before it stops: running requests finish, new ones are refused (HTTP 503)."""
+
+
 class NoWorkers(RuntimeError):
     """No compute worker is registered, so nothing could run the request (HTTP 503)."""
 

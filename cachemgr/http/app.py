@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API of the daemon (aiohttp).
 
-    GET  /health               200 when at least one worker is registered, else 503
+    GET  /health               200 when at least one worker is registered, else 503 (also while draining)
     GET  /metrics              Prometheus text (no prompt content)
     GET  /v1/models            the served model
     POST /v1/completions       prompt (text or token ids) -> text, streamed (SSE) or not
@@ -70,9 +70,11 @@ class _Api:
 
     async def health(self, request: web.Request) -> web.Response:
         num_workers = len(self.daemon.workers_info())
-        ok = num_workers > 0
-        body = {"status": "ok" if ok else "no_workers", "workers": num_workers, "model": self.model_name}
-        return web.json_response(body, status=200 if ok else 503)
+        status = (
+            "draining" if getattr(self.daemon, "draining", False) else "ok" if num_workers else "no_workers"
+        )
+        body = {"status": status, "workers": num_workers, "model": self.model_name}
+        return web.json_response(body, status=200 if status == "ok" else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         if self.metrics is None:

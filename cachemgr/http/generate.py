@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge, RequestFailed
+from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge, RequestFailed, ShuttingDown
 from cachemgr.daemon.stream import LogprobEntry, RequestStream
 from cachemgr.http.errors import APIError, bad_request, unavailable
 from cachemgr.http.shapes import (
@@ -81,6 +81,8 @@ async def submit(daemon: object, namespace: object, gen: Generation, request_id:
         raise bad_request(
             str(exc), param="messages" if gen.shape.chat else "prompt", code="context_length_exceeded"
         ) from None
+    except ShuttingDown as exc:
+        raise unavailable(str(exc), "shutting_down") from None
     except Overloaded as exc:
         raise unavailable(str(exc) or "The server is overloaded; retry later.", "overloaded") from None
     except NoWorkers as exc:

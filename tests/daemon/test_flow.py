@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cachemgr.daemon import Daemon, NoWorkers, Overloaded, PromptTooLarge
+from cachemgr.daemon import Daemon, NoWorkers, Overloaded, PromptTooLarge, ShuttingDown
 from shared.pool import OwnedPool
 from shared.protocol import FinishReason, SamplingParams
 from tests.daemon.conftest import NS, collect, make_daemon, wait_until
@@ -218,3 +218,33 @@ async def test_prompt_logprobs_compute_the_whole_prompt_and_come_first(
     assert stream.cached_tokens == 0 and dispatches(procs)[-1]["computed"] == len(PROMPT)
     assert daemon.cache.stats().num_leases == 0
     daemon.check()
+
+
+async def test_drain_refuses_new_requests_and_waits_for_the_accepted_ones(
+    daemon: Daemon, procs: ProcessGroup
+) -> None:
+    await start_workers(daemon, procs, ("--token-delay", "0.05"))
+    running = await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=6))
+    await running.dispatched()
+    daemon.begin_drain()
+    with pytest.raises(ShuttingDown):
+        await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=1))
+    assert await daemon.wait_idle(10.0)
+    assert await collect(running) == expected_output(PROMPT, 6)  # every token, then the end
+    daemon.check()
+
+
+async def test_wait_idle_gives_up_at_its_timeout_or_when_interrupted(
+    daemon: Daemon, procs: ProcessGroup
+) -> None:
+    await start_workers(daemon, procs, ("--token-delay", "1.0"))
+    stream = await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=50))
+    await stream.dispatched()
+    daemon.begin_drain()
+    started = asyncio.get_running_loop().time()
+    assert not await daemon.wait_idle(0.2)
+    interrupt = asyncio.Event()
+    interrupt.set()
+    assert not await daemon.wait_idle(30.0, interrupt)
+    assert asyncio.get_running_loop().time() - started < 2.0
+    stream.abort()

@@ -68,6 +68,7 @@ class ScriptedDaemon:
     num_workers: int = 1
     cached_tokens: int = 0
     max_context_len: int = 4096
+    draining: bool = False
     refuse: Exception | None = None
     fail_after: int | None = None
     hold: bool = False

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from cachemgr.cache import Namespace
-from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge
+from cachemgr.daemon.errors import NoWorkers, Overloaded, PromptTooLarge, ShuttingDown
 from cachemgr.http.auth import derive_key_salt
 from shared.protocol import SamplingParams
 from tests.http.doubles import MODEL, ScriptedDaemon, sse_events, start_client
@@ -348,3 +348,12 @@ async def test_tokenize_needs_the_api_key_when_keys_are_set(daemon: ScriptedDaem
         assert (ok.status, await ok.json()) == (200, {"prompt": "x"})
     finally:
         await client.close()
+
+
+async def test_a_draining_daemon_answers_503(client: TestClient, daemon: ScriptedDaemon) -> None:
+    daemon.draining = True
+    r = await client.get("/health")
+    assert (r.status, (await r.json())["status"]) == (503, "draining")
+    daemon.refuse = ShuttingDown("the server is shutting down")
+    r = await client.post("/v1/completions", json={"prompt": "x"})
+    assert (r.status, (await r.json())["error"]["code"]) == (503, "shutting_down")
