@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -96,24 +96,27 @@ class _Api:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_completion(await _json_body(request))
         self._check_model(parsed.params)
-        if isinstance(parsed.prompt, str):
-            token_ids = await self._off_loop(self.tokenizer.encode, parsed.prompt)
-        else:
-            token_ids = self.tokenizer.check_ids(parsed.prompt, "prompt")
-        echo = None
-        if parsed.echo:  # the prompt as sent, or the text of its token ids
-            echo = (
-                parsed.prompt
-                if isinstance(parsed.prompt, str)
-                else await self._off_loop(self.tokenizer.decode, token_ids)
-            )
-        return await self._generate(request, parsed.params, token_ids, chat=False, echo=echo)
+        prompts: list[tuple[np.ndarray, str | None]] = []
+        for prompt in parsed.prompts:
+            if isinstance(prompt, str):
+                token_ids = await self._off_loop(self.tokenizer.encode, prompt)
+            else:
+                token_ids = self.tokenizer.check_ids(prompt, "prompt")
+            echo = None
+            if parsed.echo:  # the prompt as sent, or the text of its token ids
+                echo = (
+                    prompt
+                    if isinstance(prompt, str)
+                    else await self._off_loop(self.tokenizer.decode, token_ids)
+                )
+            prompts.append((token_ids, echo))
+        return await self._generate(request, parsed.params, prompts, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat(await _json_body(request))
         self._check_model(parsed.params)
         token_ids = await self._off_loop(self.tokenizer.encode_chat, list(parsed.messages))
-        return await self._generate(request, parsed.params, token_ids, chat=True)
+        return await self._generate(request, parsed.params, [(token_ids, None)], chat=True)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's /tokenize: {"prompt": text} as /v1/completions tokenizes it, or {"messages": [...]} as
@@ -160,45 +163,43 @@ class _Api:
         self,
         request: web.Request,
         params: CommonParams,
-        token_ids: np.ndarray,
+        prompts: Sequence[tuple[np.ndarray, str | None]],
         *,
         chat: bool,
-        echo: str | None = None,
     ) -> web.StreamResponse:
-        if not len(token_ids):
+        """Submit n choices of every (token ids, echo text) prompt, prompt-major (choice index = prompt x n
+        + choice, as OpenAI numbers a batch), and answer them as one response."""
+        if any(not len(token_ids) for token_ids, _ in prompts):
             raise bad_request("The prompt is empty after tokenization.", param="prompt")
         self.tokenizer.check_ids(params.stop_token_ids, "stop_token_ids")
         self.tokenizer.check_ids([token for token, _ in params.logit_bias], "logit_bias")
         default_max = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
         request_id = uuid.uuid4().bytes
-        gen = Generation(
-            shape=ResponseShape(
-                id=("chatcmpl-" if chat else "cmpl-") + request_id.hex(),
-                created=int(time.time()),
-                model=self.model_name,
-                chat=chat,
-            ),
-            token_ids=token_ids,
-            sampling=params.sampling(default_max),
-            stream=params.stream,
-            include_usage=params.include_usage,
-            echo=echo,
+        shape = ResponseShape(
+            id=("chatcmpl-" if chat else "cmpl-") + request_id.hex(),
+            created=int(time.time()),
+            model=self.model_name,
+            chat=chat,
         )
+        sampling = params.sampling(default_max)
         namespace = self.daemon_namespace(request[API_KEY], params.cache_salt)
+        gens: list[Generation] = []
         streams: list[RequestStream] = []
         try:
-            for i in range(params.n):
-                # The n choices share the prompt: the first computes its pages, the others wait for them.
-                choice = gen if i == 0 else replace(gen, sampling=_choice_sampling(gen.sampling, i))
-                streams.append(
-                    await submit(self.daemon, namespace, choice, request_id if i == 0 else uuid.uuid4().bytes)
-                )
+            for token_ids, echo in prompts:
+                gen = Generation(shape, token_ids, sampling, params.stream, params.include_usage, echo)
+                for i in range(params.n):
+                    # The n choices share the prompt: the first computes its pages, the others wait for them.
+                    choice = gen if i == 0 else replace(gen, sampling=_choice_sampling(gen.sampling, i))
+                    rid = request_id if not streams else uuid.uuid4().bytes
+                    streams.append(await submit(self.daemon, namespace, choice, rid))
+                    gens.append(choice)
         except BaseException:
             for stream in streams:
                 stream.abort()
             raise
-        detokenizers = [self.tokenizer.detokenizer(token_ids) for _ in streams]
-        return await respond(request, streams, gen, detokenizers, self.tokenizer.token_text)
+        detokenizers = [self.tokenizer.detokenizer(gen.token_ids) for gen in gens]
+        return await respond(request, streams, gens, detokenizers, self.tokenizer.token_text, params.n)
 
     def daemon_namespace(self, api_key: str | None, client_salt: str) -> Namespace:
         return Namespace(model=self.model_name, salt=self.access.cache_salt(api_key, client_salt))

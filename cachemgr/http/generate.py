@@ -142,23 +142,26 @@ async def _pieces(
 async def respond(
     request: web.Request,
     streams: Sequence[RequestStream],
-    gen: Generation,
+    gens: Sequence[Generation],
     detokenizers: Sequence[Detokenizer],
     token_text: Callable[[int], str],
+    n: int = 1,
 ) -> web.StreamResponse:
-    """Produce the HTTP response for submitted requests, one per choice (``n``). Always leaves every
-    daemon request finished or aborted, whatever happens to the client connection. ``token_text``
-    names tokens in logprobs."""
+    """Produce the HTTP response for submitted requests, one per choice: ``n`` per prompt, prompt-major,
+    ``gens[i]`` what stream i runs. Always leaves every daemon request finished or aborted, whatever
+    happens to the client connection. ``token_text`` names tokens in logprobs."""
+    gen = gens[0]  # the shape, streaming and usage flags are the same for every choice
     counters = [[0] for _ in streams]
     formatters = [_LogprobsFormatter(gen.shape.chat, token_text) for _ in streams]
     pieces = [
-        _pieces(stream, TextAssembler(detok, gen.sampling.stop), counter, gen)
-        for stream, detok, counter in zip(streams, detokenizers, counters, strict=True)
+        _pieces(stream, TextAssembler(detok, choice.sampling.stop), counter, choice)
+        for stream, detok, counter, choice in zip(streams, detokenizers, counters, gens, strict=True)
     ]
+    firsts = streams[::n]  # each prompt's first choice: its prompt and cached tokens count once
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, streams))
     try:
         if gen.stream:
-            return await _respond_stream(request, streams, gen, pieces, counters, formatters)
+            return await _respond_stream(request, streams, gen, pieces, counters, formatters, firsts)
         texts: list[list[str]] = [[] for _ in streams]
         finishes = [FinishReason.STOP.value for _ in streams]
         ids: list[list[int]] = [[] for _ in streams]
@@ -173,7 +176,7 @@ async def respond(
             ("".join(texts[i]), finishes[i], formatters[i].format(ids[i], entries[i]))
             for i in range(len(streams))
         ]
-        return web.json_response(gen.shape.full(choices, _usage(streams, counters)))
+        return web.json_response(gen.shape.full(choices, _usage(firsts, counters)))
     finally:
         watcher.cancel()
         for stream in streams:
@@ -222,6 +225,7 @@ async def _respond_stream(
     pieces: Sequence[AsyncIterator[_Piece]],
     counters: list[list[int]],
     formatters: Sequence[_LogprobsFormatter],
+    firsts: Sequence[RequestStream],
 ) -> web.StreamResponse:
     shape = gen.shape
     response = web.StreamResponse(
@@ -248,7 +252,7 @@ async def _respond_stream(
             await response.write(sse_event(exc.body()))
         else:
             if with_usage:
-                await response.write(sse_event(shape.usage_chunk(_usage(streams, counters))))
+                await response.write(sse_event(shape.usage_chunk(_usage(firsts, counters))))
         await response.write(SSE_DONE)
         await response.write_eof()
     except (ConnectionResetError, asyncio.CancelledError):
@@ -258,12 +262,12 @@ async def _respond_stream(
     return response
 
 
-def _usage(streams: Sequence[RequestStream], counters: list[list[int]]) -> dict[str, int | dict[str, int]]:
-    """The prompt counted once (as OpenAI does for n > 1), the completions of every choice, and the
-    cached prompt tokens of the first choice: what the cache held before this request (the other choices
-    reuse the first one's pages as it computes them)."""
-    first = streams[0]
-    return usage(first.prompt_len, sum(c[0] for c in counters), first.cached_tokens)
+def _usage(firsts: Sequence[RequestStream], counters: list[list[int]]) -> dict[str, int | dict[str, int]]:
+    """Each prompt counted once (as OpenAI does for n > 1) through its first choice, the completions of
+    every choice, and the cached prompt tokens of each prompt's first choice: what the cache held before
+    this request (the other choices reuse the first one's pages as it computes them)."""
+    prompt_tokens = sum(first.prompt_len for first in firsts)
+    return usage(prompt_tokens, sum(c[0] for c in counters), sum(first.cached_tokens for first in firsts))
 
 
 async def _watch_disconnect(request: web.Request, streams: Sequence[RequestStream]) -> None:

@@ -16,6 +16,8 @@ from shared.protocol import MAX_LOGIT_BIAS_TOKENS, MAX_TOP_LOGPROBS, SamplingPar
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n: each choice is a request of its own on the workers
+MAX_PROMPTS = 64  # a batched completion's prompts
+MAX_GENERATIONS = 128  # prompts x n: the daemon requests one HTTP request may start
 MAX_CACHE_SALT_CHARS = 256
 MAX_TOKEN_ID_PROMPT = 1 << 20  # longer than any context we serve; refused before touching the daemon
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -75,12 +77,21 @@ class CommonParams:
         return params
 
 
+Prompt = str | tuple[int, ...] | np.ndarray
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
-    # Token ids: a tuple from a plain dict body, an int64 ndarray from cachemgr.http.body's fast path.
-    prompt: str | tuple[int, ...] | np.ndarray
+    # Each prompt: text, or token ids (a tuple from a plain dict body, an int64 ndarray from
+    # cachemgr.http.body's fast path). Several prompts (a batch) get n choices each, prompt-major.
+    prompts: tuple[Prompt, ...]
     params: CommonParams
     echo: bool = False  # the prompt leads each choice's text (and its logprobs, with logprobs)
+
+    @property
+    def prompt(self) -> Prompt:
+        """The first (usually the only) prompt."""
+        return self.prompts[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +112,13 @@ def parse_completion(body: Any) -> CompletionRequest:
     params = _common(body, "max_tokens", -1 if k is None else k)
     if echo and k is not None:
         params = replace(params, prompt_logprobs=k)
-    return CompletionRequest(prompt=_prompt(body["prompt"]), params=params, echo=echo)
+    prompts = _prompts(body["prompt"])
+    if len(prompts) * params.n > MAX_GENERATIONS:
+        raise bad_request(
+            f"{len(prompts)} prompts x n = {params.n} is more than {MAX_GENERATIONS} generations",
+            param="prompt",
+        )
+    return CompletionRequest(prompts=prompts, params=params, echo=echo)
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -138,15 +155,21 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise bad_request("Only best_of=1 is supported.", param="best_of")
 
 
-def _prompt(value: Any) -> str | tuple[int, ...] | np.ndarray:
-    # OpenAI accepts a batch (list of prompts); we serve one prompt per request, so a batch of one
-    # is unwrapped and a larger batch is refused.
+def _prompts(value: Any) -> tuple[Prompt, ...]:
+    """One prompt (text or token ids), or a batch of them (a list of texts / token-id lists, OpenAI's
+    batched completions)."""
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        if len(value) > MAX_PROMPTS:
+            raise bad_request(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
+        return tuple(_prompt(p) for p in value)
+    return (_prompt(value),)
+
+
+def _prompt(value: Any) -> Prompt:
     if isinstance(value, np.ndarray):  # already a flat, non-empty array of integers (body.py)
         if len(value) > MAX_TOKEN_ID_PROMPT:
             raise bad_request("The prompt has too many tokens.", param="prompt")
         return value
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]
     if isinstance(value, str):
         if not value:
             raise bad_request("The prompt must not be empty.", param="prompt")
@@ -155,10 +178,9 @@ def _prompt(value: Any) -> str | tuple[int, ...] | np.ndarray:
         if len(value) > MAX_TOKEN_ID_PROMPT:
             raise bad_request("The prompt has too many tokens.", param="prompt")
         return tuple(value)
-    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
-        raise bad_request("Batched prompts are not supported: send one prompt per request.", param="prompt")
     raise bad_request(
-        "'prompt' must be a non-empty string or a non-empty array of token ids.", param="prompt"
+        "'prompt' must be a non-empty string or a non-empty array of token ids, or an array of those.",
+        param="prompt",
     )
 
 

@@ -187,3 +187,29 @@ async def test_echo_with_logprobs_scores_the_prompt(client: TestClient, daemon: 
     chunks = [e["choices"][0] for e in sse_events(await streamed.text()) if e != "[DONE]" and e["choices"]]
     assert chunks[0]["text"] == "Hi!" and chunks[0]["logprobs"]["token_logprobs"][0] is None
     assert chunks[1]["logprobs"]["text_offset"] == [3]
+
+
+async def test_batched_prompts_answer_n_choices_each_prompt_major(
+    client: TestClient, daemon: ScriptedDaemon
+) -> None:
+    body = {"prompt": ["ab", "cde"], "n": 2, "max_tokens": 2, "seed": 7, "echo": True}
+    r = await client.post("/v1/completions", json=body)
+    out = await r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in out["choices"]] == [
+        "abHe",
+        "abHe",
+        "cdeHe",
+        "cdeHe",
+    ]  # each echoes its own prompt
+    assert [s.token_ids for s in daemon.submitted] == [list(b"ab"), list(b"ab"), list(b"cde"), list(b"cde")]
+    assert [s.sampling.seed for s in daemon.submitted] == [7, 8, 7, 8]  # seed + choice, per prompt
+    assert out["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 8,
+        "total_tokens": 13,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    r = await client.post("/v1/completions", json={**body, "stream": True})
+    events = [e for e in sse_events(await r.text()) if e != "[DONE]" and e["choices"]]
+    assert {e["choices"][0]["index"] for e in events} == {0, 1, 2, 3}

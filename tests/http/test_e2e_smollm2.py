@@ -150,6 +150,18 @@ def test_echo_with_logprobs_scores_a_text_as_generation_would(api: openai.OpenAI
     assert all(v <= 0.0 for v in lp.token_logprobs[1:])
 
 
+def test_a_batch_of_prompts_answers_as_each_prompt_alone(api: openai.OpenAI) -> None:
+    model = _model(api)
+    prompts = ["Red, green and", "One, two,"]
+    alone = [
+        api.completions.create(model=model, prompt=p, max_tokens=3, temperature=0).choices[0].text
+        for p in prompts
+    ]
+    batch = api.completions.create(model=model, prompt=prompts, max_tokens=3, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == alone
+
+
 def test_five_turn_chat_reuses_the_conversation(api: openai.OpenAI) -> None:
     model = _model(api)
     messages = [{"role": "system", "content": SYSTEM}]

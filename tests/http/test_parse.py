@@ -72,7 +72,10 @@ def test_include_usage_only_applies_to_streams() -> None:
         ({}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": ["a"] * 65}, "prompt"),
+        ({"prompt": ["a"] * 9, "n": 15}, "prompt"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": "x", "max_tokens": "3"}, "max_tokens"),
@@ -213,3 +216,9 @@ def test_penalties_min_p_logit_bias_and_min_tokens_reach_the_sampling_params() -
         max_tokens=16
     )  # what OpenAI clients send by default
     assert not defaults.params.sampling(16).processes_logits
+
+
+def test_a_batch_of_prompts_keeps_its_order() -> None:
+    req = parse_completion({"prompt": ["one", [5, 6], "three"], "n": 2})
+    assert req.prompts == ("one", (5, 6), "three") and req.params.n == 2
+    assert parse_completion({"prompt": [[7, 8]]}).prompts == ((7, 8),)  # a batch of one is one prompt
