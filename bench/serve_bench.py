@@ -169,6 +169,7 @@ def phase_b(stack: Stack, args: argparse.Namespace, clients: int, vocab: int, en
         max_parallel=min(args.max_parallel, clients),
         temperature=args.temperature,
         top_p=args.top_p,
+        extra_body=tuple(json.loads(args.sampling_json).items()),
     )
     out = {"workload": {**{k: getattr(spec, k) for k in spec.__slots__}, "clients_requested": args.clients}}
     out["hit_rate_ceiling"] = round(spec.hit_rate_ceiling(16), 4)
@@ -226,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--temperature", type=float, default=0.0, help="multi-turn sampling (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="multi-turn sampling")
+    p.add_argument(
+        "--sampling-json",
+        default="{}",
+        help='more multi-turn sampling fields, e.g. \'{"frequency_penalty": 0.5, "repetition_penalty": 1.1}\'',
+    )
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--followers", type=int, default=8)
     p.add_argument("--group-prefix-tokens", type=int, default=2048)

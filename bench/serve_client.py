@@ -25,8 +25,9 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -51,9 +52,10 @@ async def complete(
     salt: str,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    extra: Mapping[str, Any] | None = None,
 ) -> Result:
-    """One streamed completion (greedy by default) of token ids or (a str) text. Raises RuntimeError for
-    an HTTP or in-band error."""
+    """One streamed completion (greedy by default) of token ids or (a str) text; `extra`: more body
+    fields (penalties, ...). Raises RuntimeError for an HTTP or in-band error."""
     body = {
         "model": model,
         "prompt": prompt if isinstance(prompt, str) else list(prompt),
@@ -64,6 +66,7 @@ async def complete(
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
         "cache_salt": salt,
+        **(extra or {}),
     }
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
@@ -142,6 +145,7 @@ class MultiTurn:
     seed: int = 0
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    extra_body: tuple[tuple[str, Any], ...] = ()  # more sampling fields for every request
 
     def hit_rate_ceiling(self, page_size: int) -> float:
         """Best possible token hit rate: round r reuses the page-aligned part of everything before it
@@ -177,7 +181,15 @@ async def run_multi_turn(
         async with limit:
             salt = "multiturn" if cache else f"nocache-{next(salts)}"
             res = await complete(
-                session, url, model, histories[client], spec.output_tokens, salt, spec.temperature, spec.top_p
+                session,
+                url,
+                model,
+                histories[client],
+                spec.output_tokens,
+                salt,
+                spec.temperature,
+                spec.top_p,
+                dict(spec.extra_body),
             )
         results.append(res)
         if rnd + 1 < spec.rounds:
