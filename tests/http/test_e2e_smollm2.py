@@ -160,6 +160,13 @@ def test_a_batch_of_prompts_answers_as_each_prompt_alone(api: openai.OpenAI) -> 
     batch = api.completions.create(model=model, prompt=prompts, max_tokens=3, temperature=0)
     assert [c.index for c in batch.choices] == [0, 1]
     assert [c.text for c in batch.choices] == alone
+    # Scoring (docs/api.md's example): a batch echoed with logprobs scores each prompt as it alone does.
+    score = dict(max_tokens=1, temperature=0, logprobs=1, echo=True)
+    each = [api.completions.create(model=model, prompt=p, **score).choices[0].logprobs for p in prompts]
+    both = [c.logprobs for c in api.completions.create(model=model, prompt=prompts, **score).choices]
+    for one, batched in zip(each, both, strict=True):
+        assert batched.tokens == one.tokens and batched.token_logprobs[0] is None
+        assert batched.token_logprobs[1:] == pytest.approx(one.token_logprobs[1:], abs=1e-3)
 
 
 def test_five_turn_chat_reuses_the_conversation(api: openai.OpenAI) -> None:
