@@ -187,7 +187,9 @@ class _Api:
         streams: list[RequestStream] = []
         try:
             for token_ids, echo in prompts:
-                gen = Generation(shape, token_ids, sampling, params.stream, params.include_usage, echo)
+                gen = Generation(
+                    shape, token_ids, sampling, params.stream, params.include_usage, echo, params.score_only
+                )
                 for i in range(params.n):
                     # The n choices share the prompt: the first computes its pages, the others wait for them.
                     choice = gen if i == 0 else replace(gen, sampling=_choice_sampling(gen.sampling, i))

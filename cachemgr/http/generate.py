@@ -42,6 +42,7 @@ class Generation:
     stream: bool
     include_usage: bool
     echo: str | None = None  # completions with echo: the prompt's text, leading every choice
+    score_only: bool = False  # echo with max_tokens 0: only the prompt is answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,13 @@ async def _pieces(
                 echo_due = False
                 if not event.token_ids and event.finish_reason is None:
                     continue
+            if gen.score_only:  # max_tokens 0: the one token the worker generated is not part of it
+                if event.finish_reason is FinishReason.ABORT:
+                    raise unavailable("The request was aborted by the server.", "request_aborted")
+                if event.finish_reason is not None:
+                    yield _Piece("", FinishReason.LENGTH.value)
+                    return
+                continue
             counter[0] += len(event.token_ids)
             text = assembler.push(event.token_ids)
             ids, logprobs = event.token_ids, event.logprobs

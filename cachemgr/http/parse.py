@@ -49,6 +49,7 @@ class CommonParams:
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
     prompt_logprobs: int = -1  # completions with echo and logprobs: the prompt's logprobs too
+    score_only: bool = False  # echo with max_tokens 0: the prompt alone (one token runs, unsent)
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """SamplingParams for the daemon. Raises APIError 400 for out-of-range values."""
@@ -112,6 +113,8 @@ def parse_completion(body: Any) -> CompletionRequest:
     params = _common(body, "max_tokens", -1 if k is None else k)
     if echo and k is not None:
         params = replace(params, prompt_logprobs=k)
+    if echo and params.max_tokens == 0:  # OpenAI's way to score a prompt without generating
+        params = replace(params, max_tokens=1, score_only=True)
     prompts = _prompts(body["prompt"])
     if len(prompts) * params.n > MAX_GENERATIONS:
         raise bad_request(

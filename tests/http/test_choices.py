@@ -213,3 +213,20 @@ async def test_batched_prompts_answer_n_choices_each_prompt_major(
     r = await client.post("/v1/completions", json={**body, "stream": True})
     events = [e for e in sse_events(await r.text()) if e != "[DONE]" and e["choices"]]
     assert {e["choices"][0]["index"] for e in events} == {0, 1, 2, 3}
+
+
+async def test_echo_with_max_tokens_0_answers_the_prompt_alone(
+    client: TestClient, daemon: ScriptedDaemon
+) -> None:
+    body = {"prompt": "Hi!", "max_tokens": 0, "echo": True, "logprobs": 0}
+    out = await (await client.post("/v1/completions", json=body)).json()
+    choice = out["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("Hi!", "length")
+    assert choice["logprobs"]["tokens"] == ["H", "i", "!"]
+    assert out["usage"]["completion_tokens"] == 0
+    assert daemon.submitted[0].sampling.max_tokens == 1  # one token runs on the worker, unsent
+    r = await client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [e["choices"][0] for e in sse_events(await r.text()) if e != "[DONE]" and e["choices"]]
+    assert "".join(c["text"] for c in chunks) == "Hi!" and chunks[-1]["finish_reason"] == "length"
+    refused = await client.post("/v1/completions", json={"prompt": "Hi!", "max_tokens": 0})
+    assert refused.status == 400  # without echo there would be nothing to answer

@@ -148,6 +148,13 @@ def test_echo_with_logprobs_scores_a_text_as_generation_would(api: openai.OpenAI
     assert lp.tokens[last_prompt] == token
     assert lp.token_logprobs[last_prompt] == pytest.approx(value, abs=1e-3)
     assert all(v <= 0.0 for v in lp.token_logprobs[1:])
+    prompt_only = api.completions.create(
+        model=model, prompt="Red, green and" + token, max_tokens=0, logprobs=1, echo=True
+    )
+    assert (
+        prompt_only.choices[0].text == "Red, green and" + token and prompt_only.usage.completion_tokens == 0
+    )
+    assert prompt_only.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:-1], abs=1e-3)
 
 
 def test_a_batch_of_prompts_answers_as_each_prompt_alone(api: openai.OpenAI) -> None:
