@@ -70,9 +70,7 @@ class _Api:
 
     async def health(self, request: web.Request) -> web.Response:
         num_workers = len(self.daemon.workers_info())
-        status = (
-            "draining" if getattr(self.daemon, "draining", False) else "ok" if num_workers else "no_workers"
-        )
+        status = "draining" if self.daemon.draining else "ok" if num_workers else "no_workers"
         body = {"status": status, "workers": num_workers, "model": self.model_name}
         return web.json_response(body, status=200 if status == "ok" else 503)
 
@@ -133,7 +131,7 @@ class _Api:
             token_ids = await self._off_loop(self.tokenizer.encode, body["prompt"])
         else:
             raise bad_request("'prompt' must be a non-empty string", param="prompt")
-        limit = getattr(self.daemon, "max_context_len", None)
+        limit = self.daemon.max_context_len
         return web.json_response(
             {"count": len(token_ids), "max_model_len": limit, "tokens": token_ids.tolist()}
         )

@@ -21,14 +21,13 @@ def request_from_dispatch(
     tokenizer: DetokenizerSource,
 ) -> Request:
     """The Request of `msg`; `seed` is its sampling stream's (the request's own, or one the engine drew)."""
-    ps = page_size
     prompt = bytes_to_ids(msg.tokens)  # a view of the frame: never copied into Python ints
     prefix = bytes_to_ids(msg.prefix_page_ids)
     new = bytes_to_ids(msg.new_page_ids)
     msg.sampling.validate()
     if not len(prompt):
         raise ValueError("empty prompt")
-    if not 0 <= msg.matched_len <= len(prompt) or msg.matched_len % ps:
+    if not 0 <= msg.matched_len <= len(prompt) or msg.matched_len % page_size:
         raise ValueError(f"matched_len {msg.matched_len} is not a page boundary within the prompt")
     if not 0 <= msg.num_generated < len(prompt):
         raise ValueError(f"num_generated {msg.num_generated} is not within the {len(prompt)} tokens")
@@ -36,7 +35,7 @@ def request_from_dispatch(
         raise ValueError(
             "prompt_logprobs need the whole prompt computed: no cached prefix, no resumed output"
         )
-    if len(prefix) != msg.matched_len // ps:
+    if len(prefix) != msg.matched_len // page_size:
         raise ValueError(f"{len(prefix)} prefix pages for matched_len {msg.matched_len}")
     page_table = np.concatenate([prefix, new])  # a writable copy: CommitAck rewrites its head
     check_page_ids(page_table, num_pool_pages)
@@ -46,7 +45,7 @@ def request_from_dispatch(
         prompt_len=len(prompt),
         matched_len=msg.matched_len,
         sampling=msg.sampling,
-        page_size=ps,
+        page_size=page_size,
         max_len=min(len(prompt) + msg.sampling.max_tokens, context_len),
         page_table=page_table,
         num_computed=msg.matched_len,

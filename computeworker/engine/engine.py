@@ -166,7 +166,7 @@ class Engine:
         page_ids = bytes_to_ids(msg.page_ids)
         if req is None or req.phase is not Phase.AWAIT_COMMIT or len(page_ids) != req.num_committed_pages:
             raise ValueError(f"unexpected CommitAck for {msg.request_id.hex()}")
-        self._check_page_ids(page_ids)
+        check_page_ids(page_ids, self._pool.shape[1])
         req.page_table[: len(page_ids)] = page_ids
         req.phase = Phase.RUNNING
         self._service(req)
@@ -176,7 +176,7 @@ class Engine:
         page_ids = bytes_to_ids(msg.page_ids)
         if req is None or not req.pages_requested:
             raise ValueError(f"unexpected PagesGranted for {msg.request_id.hex()}")
-        self._check_page_ids(page_ids)
+        check_page_ids(page_ids, self._pool.shape[1])
         req.page_table = np.concatenate([req.page_table, page_ids])
         req.pages_requested = False
         self._service(req)
@@ -270,14 +270,13 @@ class Engine:
             RowSampling(req.sampling, req.sample_seed, req.sample_offset + len(req.output))
             for req in sampling_reqs
         ]
-        processed = processed_logits(
-            logits,
-            [r.params for r in rows],
-            [
+        processed = logits
+        if any(row.params.processes_logits for row in rows):  # else nothing to build per row
+            histories = [
                 row_history(r, self.config.eos_token_ids, logits.shape[-1], logits.device)
                 for r in sampling_reqs
-            ],
-        )
+            ]
+            processed = processed_logits(logits, [row.params for row in rows], histories)
         tokens = sample_batch(processed, rows)
         ks = [row.params.logprobs for row in rows]
         logprobs = token_logprobs(logits, tokens, ks) if max(ks, default=-1) >= 0 else [None] * len(ks)
@@ -314,9 +313,6 @@ class Engine:
         return request_from_dispatch(
             msg, self.config.page_size, self.config.context_len, self._pool.shape[1], seed, self._tokenizer
         )
-
-    def _check_page_ids(self, page_ids: np.ndarray) -> None:
-        check_page_ids(page_ids, self._pool.shape[1])
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.config.max_running:
