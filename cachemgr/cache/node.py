@@ -21,7 +21,8 @@ from cachemgr.cache.types import Namespace
 
 
 class TreeNode:
-    """Mutable tree node. Only PrefixCache changes these fields; policies read them and set ``priority``."""
+    """Mutable tree node. Only the cache core (PrefixCache and its helpers) changes these fields; policies
+    read them and set ``priority``."""
 
     __slots__ = (
         "block_hashes",
