@@ -6,6 +6,9 @@
 #   TEST_PATHS="tests/gpu/test_extend_split.py" bash bench/gpu_session.sh tests profile   (some tests; the
 #   cached step's per-kernel profile, bench/gpu_profile.py)
 #   ATTN_ARGS="--cases 1x100_over_10k" bash bench/gpu_session.sh attention   (bench/extend_attention_bench.py)
+#   STRUCTURED_ARGS="--tokenizer .bench/smollm2_tokenizer.json.gz" bash bench/gpu_session.sh structured
+#     (bench/structured_bench.py; the tokenizer file is carried, git-ignored: export it with
+#     python -m bench.structured_bench --export-tokenizer .bench/smollm2_tokenizer.json.gz)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -15,7 +18,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu
 # Kernels compiled on an earlier machine (bench results carry them back as jit.tar.part0) load as
 # FlashInfer AOT modules: <package>/data/aot/<name>/<name>.so skips the JIT build entirely.
 if [ -d .jitcache ]; then
-  mkdir -p /tmp/jitx && cat .jitcache/*.tar.part* | tar -xz -C /tmp/jitx
+  mkdir -p /tmp/jitx
+  # xz-compressed (jit.txz.part*, half gzip's size: the carried tree is capped at 64 MiB) or gzip (older)
+  if ls .jitcache/*.txz.part* >/dev/null 2>&1; then
+    cat .jitcache/*.txz.part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/jitx')"
+  else
+    cat .jitcache/*.tar.part* | tar -xz -C /tmp/jitx
+  fi
   for so in $(find /tmp/jitx -name '*.so'); do
     name=$(basename "$so" .so); mkdir -p "/tmp/site/flashinfer/data/aot/$name"; cp "$so" "/tmp/site/flashinfer/data/aot/$name/"
   done
@@ -30,6 +39,7 @@ for step in "$@"; do
     attention) python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
     model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" ;;
     gemm) python3 bench/gemm_bench.py --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
+    structured) python3 -m bench.structured_bench --out "$OUT/structured.json" ${STRUCTURED_ARGS:-} 2>&1 | tee "$OUT/structured.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
@@ -37,6 +47,10 @@ du -sh /tmp/fiws/.cache/flashinfer 2>/dev/null; find /tmp/fiws -name '*.so' -exe
 # The compiled kernels travel back only if they fit beside the 53 MiB wheelhouse in the 64 MiB tree.
 if [ -n "$(find /tmp/fiws -name '*.so' 2>/dev/null)" ]; then
   mkdir -p /tmp/jitx && find /tmp/fiws -name '*.so' -exec cp {} /tmp/jitx/ \;
-  (cd /tmp/jitx && find . -name '*.so' | tar -czf /tmp/jit.tgz -T -) && ls -la /tmp/jit.tgz || exit 0
-  if [ "$(stat -c %s /tmp/jit.tgz)" -lt 9500000 ]; then cp /tmp/jit.tgz "$OUT/jit.tar.part0"; fi
+  python3 -c "
+import pathlib, tarfile
+with tarfile.open('/tmp/jit.txz', 'w:xz') as t:
+    for p in pathlib.Path('/tmp/jitx').glob('*.so'):
+        t.add(p, p.name)" && ls -la /tmp/jit.txz || exit 0
+  if [ "$(stat -c %s /tmp/jit.txz)" -lt 9500000 ]; then cp /tmp/jit.txz "$OUT/jit.txz.part0"; fi
 fi

@@ -14,6 +14,7 @@ import torch
 
 from computeworker.config import WorkerConfig
 from computeworker.engine.fences import StepStats
+from computeworker.engine.structured import StructuredDecoding
 from computeworker.model.batch import AttentionBackend
 from computeworker.runtime import ModelInfo, WorkerRuntime
 
@@ -61,9 +62,12 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         f", random weights seed {config.seed}" if config.random_weights else "",
     )
     on_step = _log_step if config.log_steps else None
+    structured = StructuredDecoding.for_tokenizer(tokenizer.backend, spec.vocab_size, eos)
     make_attention = attention_factory(spec, device, dtype)
     if device.type != "cuda":
-        return WorkerRuntime(config, model, make_attention, tokenizer, info, on_step=on_step)
+        return WorkerRuntime(
+            config, model, make_attention, tokenizer, info, on_step=on_step, structured=structured
+        )
     from computeworker.engine.fences import cuda_fence_factory
     from computeworker.model.cuda_runner import CudaModelRunner
 
@@ -82,6 +86,7 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         on_pool=runner.bind,
         make_fence=cuda_fence_factory(device),
         on_step=on_step,
+        structured=structured,
     )
 
 

@@ -30,6 +30,7 @@ from computeworker.config import WorkerConfig
 from computeworker.engine.engine import Engine, EngineConfig, PagedModel
 from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.stop import DetokenizerSource
+from computeworker.engine.structured import StructuredDecoding
 from computeworker.model.batch import AttentionBackend
 from shared.pool import MappedPool, map_pool
 from shared.process_identity import pid_namespace_id
@@ -87,13 +88,15 @@ class WorkerRuntime:
         on_pool: Callable[[torch.Tensor, AttentionBackend], object] | None = None,
         make_fence: Callable[[], Fence] | None = None,
         on_step: Callable[[StepStats], None] | None = None,
+        structured: StructuredDecoding | None = None,
     ) -> None:
         """on_pool(pool tensor, attention): called on the compute thread after each new pool mapping or
         attention backend, before the session serves (CUDA: warm kernels, capture graphs).
         make_fence: handed to every Engine (see computeworker.engine.fences). on_step: called on the
         event loop with each step's StepStats once the step's messages are sent (a log line must not
         delay the first token). At DEBUG level each step also logs a `trace` line: where the time
-        between a Dispatch arriving and its messages leaving went."""
+        between a Dispatch arriving and its messages leaving went. structured: the grammar engine for
+        structured output (None: such requests are refused)."""
         self._config = config
         self._model = model
         self._make_attention = make_attention  # page_size -> backend (FlashInfer plans need it)
@@ -104,6 +107,7 @@ class WorkerRuntime:
         self._on_pool = on_pool
         self._make_fence = make_fence
         self._on_step = on_step
+        self._structured = structured
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self._inflight: concurrent.futures.Future[int] | None = None
         self._step_stats: list[StepStats] = []  # appended on the compute thread, drained on the loop
@@ -253,6 +257,7 @@ class WorkerRuntime:
             rng=random.Random(),
             make_fence=self._make_fence,
             on_step=self._step_stats.append,
+            structured=self._structured,
         )
 
     async def _read(self, link: DaemonLink, inbox: list[DaemonToWorker], wakeup: asyncio.Event) -> None:
@@ -353,6 +358,11 @@ class WorkerRuntime:
     async def _apply(self, link: DaemonLink, engine: Engine, msg: DaemonToWorker) -> None:
         try:
             if isinstance(msg, Dispatch):
+                structured = msg.sampling.structured
+                if structured is not None and self._structured is not None:
+                    # Compile off the loop (heartbeats go on); engine.add then finds it compiled.
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(None, self._structured.compiled, structured)
                 engine.add(msg)
             elif isinstance(msg, Abort):
                 engine.abort(msg.request_id)

@@ -25,7 +25,8 @@ import msgspec
 # 2: Dispatch.num_generated, Generated logprobs, SamplingParams.logprobs
 # 3: SamplingParams penalties (presence, frequency, repetition), min_p, logit_bias, min_tokens,
 #    prompt_logprobs; the PromptLogprobs message
-PROTOCOL_VERSION = 3
+# 4: SamplingParams.structured (grammar-constrained output)
+PROTOCOL_VERSION = 4
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # anything larger is dropped unread
 
 
@@ -48,6 +49,17 @@ class FinishReason(enum.Enum):
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS_TOKENS = 1024  # entries of logit_bias a request may carry
+MAX_STRUCTURED_SPEC_CHARS = 64 * 1024  # a JSON schema, regex or grammar a request may carry
+STRUCTURED_KINDS = ("json_schema", "regex", "ebnf")
+
+
+class StructuredOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a request's output must match: a JSON schema (as JSON text), a regular expression or an EBNF
+    grammar (xgrammar's dialect). Workers compile it against their vocabulary and mask every token that
+    cannot continue a match (computeworker.engine.structured)."""
+
+    kind: str  # one of STRUCTURED_KINDS
+    spec: str
 
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -55,7 +67,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop_token_ids and ignore_eos). temperature 0 means greedy. The logits a token is drawn from are the
     model's, plus logit_bias, with EOS and stop tokens banned before min_tokens, then the repetition,
     frequency and presence penalties over the tokens generated so far (repetition: prompt tokens too);
-    then temperature, min_p, top-k and top-p (computeworker.engine.logits_processing and .sampling)."""
+    then the structured output's mask (tokens that cannot continue a match removed); then temperature,
+    min_p, top-k and top-p (computeworker.engine.logits_processing, .structured and .sampling)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -76,6 +89,7 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # -1: none; k >= 0: each prompt token's log-probability given the tokens before it, and the k most
     # likely tokens there (legacy completions' echo + logprobs). The whole prompt is computed: no cache hit.
     prompt_logprobs: int = -1
+    structured: StructuredOutput | None = None  # the output must match it (see StructuredOutput)
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message for out-of-range values (the message starts with
@@ -109,6 +123,19 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("min_tokens must be between 0 and max_tokens")
         if not -1 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"prompt_logprobs must be -1 (off) or between 0 and {MAX_TOP_LOGPROBS}")
+        if self.structured is not None:
+            self._validate_structured(self.structured)
+
+    def _validate_structured(self, structured: StructuredOutput) -> None:
+        if structured.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}")
+        if not 0 < len(structured.spec) <= MAX_STRUCTURED_SPEC_CHARS:
+            raise ValueError(f"structured output: 1 to {MAX_STRUCTURED_SPEC_CHARS} characters of spec")
+        # A grammar decides when the output ends: nothing may hold back or ignore its end of sequence.
+        if self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with a structured output format")
+        if self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with a structured output format")
 
     @property
     def processes_logits(self) -> bool:

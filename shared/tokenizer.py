@@ -45,6 +45,11 @@ class Tokenizer:
         )
 
     @property
+    def backend(self) -> Backend:
+        """The `tokenizers.Tokenizer` underneath (the grammar engine builds its vocabulary table from it)."""
+        return self._backend
+
+    @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 

@@ -35,6 +35,7 @@ from cachemgr.http.generate import Generation, respond, submit
 from cachemgr.http.parse import CommonParams, parse_chat, parse_completion
 from cachemgr.http.shapes import ResponseShape
 from cachemgr.http.tokens import TokenizerAdapter
+from shared.grammar import structured_error
 from shared.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class _Api:
         if params.model is not None and params.model != self.model_name:
             raise model_not_found(params.model)
 
-    async def _off_loop(self, fn: Callable[..., np.ndarray], arg: Any) -> np.ndarray:
+    async def _off_loop(self, fn: Callable[..., Any], arg: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, arg)
 
     async def _generate(
@@ -180,6 +181,10 @@ class _Api:
             chat=chat,
         )
         sampling = params.sampling(default_max)
+        if sampling.structured is not None:  # compiled off the loop: the first one imports xgrammar
+            error = await self._off_loop(structured_error, sampling.structured)
+            if error is not None:
+                raise bad_request(error, param=params.structured_field)
         namespace = self.daemon_namespace(request[API_KEY], params.cache_salt)
         gens: list[Generation] = []
         streams: list[RequestStream] = []

@@ -49,6 +49,7 @@ BODY_FIELDS = (
     "tools",
     "functions",
     "response_format",
+    "structured_outputs",
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",

@@ -1,7 +1,8 @@
 """Request bodies of /v1/completions and /v1/chat/completions -> validated, immutable requests.
 
 Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (best_of > 1, tools) are
-refused with a 400 naming the field, rather than silently answered differently.
+refused with a 400 naming the field, rather than silently answered differently. Structured output
+(response_format, structured_outputs) is read by cachemgr.http.structured.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from cachemgr.http.errors import bad_request
-from shared.protocol import MAX_LOGIT_BIAS_TOKENS, MAX_TOP_LOGPROBS, SamplingParams
+from cachemgr.http.structured import parse_structured
+from shared.protocol import MAX_LOGIT_BIAS_TOKENS, MAX_TOP_LOGPROBS, SamplingParams, StructuredOutput
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n: each choice is a request of its own on the workers
@@ -50,6 +52,8 @@ class CommonParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
     prompt_logprobs: int = -1  # completions with echo and logprobs: the prompt's logprobs too
     score_only: bool = False  # echo with max_tokens 0: the prompt alone (one token runs, unsent)
+    structured: StructuredOutput | None = None  # the output must match it (response_format etc.)
+    structured_field: str = "response_format"  # the body field it came from (for error messages)
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """SamplingParams for the daemon. Raises APIError 400 for out-of-range values."""
@@ -70,6 +74,7 @@ class CommonParams:
             logit_bias=dict(self.logit_bias),
             min_tokens=self.min_tokens,
             prompt_logprobs=self.prompt_logprobs,
+            structured=self.structured,
         )
         try:
             params.validate()
@@ -128,8 +133,8 @@ def parse_chat(body: Any) -> ChatRequest:
     """Validate a /v1/chat/completions body. Raises APIError 400 naming the offending field."""
     _require_object(body)
     _refuse_unsupported(body)
-    for name in ("tools", "functions", "response_format"):
-        if body.get(name) not in (None, [], {"type": "text"}):
+    for name in ("tools", "functions"):
+        if body.get(name) not in (None, []):
             raise bad_request(f"{name} is not supported", param=name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -246,6 +251,8 @@ def _common(body: dict[str, Any], max_field: str, logprobs: int) -> CommonParams
         min_p=_opt_float(body, "min_p", 0.0),
         min_tokens=_opt_int(body, "min_tokens") or 0,
         logit_bias=_logit_bias(body.get("logit_bias")),
+        structured=parse_structured(body),
+        structured_field="structured_outputs" if "structured_outputs" in body else "response_format",
     )
 
 

@@ -1,5 +1,5 @@
 """A Dispatch checked and turned into the engine's Request: the page table, the cached prefix, the
-copy-on-write of a full hit, the stop-string matcher. Raises ValueError, changing nothing, for anything the
+copy-on-write of a full hit, the stop-string matcher, the structured output's grammar matcher. Raises ValueError, changing nothing, for anything the
 daemon should never have sent (the runtime answers it with a WorkerError)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import numpy as np
 
 from computeworker.engine.request import Request
 from computeworker.engine.stop import DetokenizerSource, StopStringMatcher
+from computeworker.engine.structured import StructuredDecoding
 from shared.ids import bytes_to_ids
 from shared.protocol import Dispatch, FinishReason
 
@@ -19,8 +20,10 @@ def request_from_dispatch(
     num_pool_pages: int,
     seed: int,
     tokenizer: DetokenizerSource,
+    structured: StructuredDecoding | None = None,
 ) -> Request:
-    """The Request of `msg`; `seed` is its sampling stream's (the request's own, or one the engine drew)."""
+    """The Request of `msg`; `seed` is its sampling stream's (the request's own, or one the engine drew).
+    structured: compiles the request's StructuredOutput (None: this worker refuses such requests)."""
     prompt = bytes_to_ids(msg.tokens)  # a view of the frame: never copied into Python ints
     prefix = bytes_to_ids(msg.prefix_page_ids)
     new = bytes_to_ids(msg.new_page_ids)
@@ -39,6 +42,12 @@ def request_from_dispatch(
         raise ValueError(f"{len(prefix)} prefix pages for matched_len {msg.matched_len}")
     page_table = np.concatenate([prefix, new])  # a writable copy: CommitAck rewrites its head
     check_page_ids(page_table, num_pool_pages)
+    grammar = None
+    if msg.sampling.structured is not None:
+        if structured is None:
+            raise ValueError("this worker has no grammar engine for structured output")
+        earlier = prompt[len(prompt) - msg.num_generated :]  # what earlier attempts generated
+        grammar = structured.start(msg.sampling.structured, earlier)
     req = Request(
         request_id=msg.request_id,
         prompt=prompt,
@@ -51,6 +60,7 @@ def request_from_dispatch(
         num_computed=msg.matched_len,
         sample_seed=seed,
         sample_offset=msg.num_generated,
+        grammar=grammar,
     )
     if msg.matched_len == len(prompt):
         # Full hit: recompute the last prompt token into a private copy of its page.

@@ -32,6 +32,7 @@ from computeworker.engine.request import Phase, Request
 from computeworker.engine.sampling import RowSampling, TokenLogprobs, sample_batch, token_logprobs
 from computeworker.engine.scheduler import build_batch, plan_step, scoring_chunks
 from computeworker.engine.stop import DetokenizerSource
+from computeworker.engine.structured import StructuredDecoding
 from computeworker.model.batch import AttentionBackend, ForwardBatch
 from shared.ids import bytes_to_ids, ids_to_bytes
 from shared.protocol import (
@@ -92,10 +93,12 @@ class Engine:
         rng: random.Random | None = None,
         make_fence: Callable[[], Fence] | None = None,
         on_step: Callable[[StepStats], None] | None = None,
+        structured: StructuredDecoding | None = None,
     ) -> None:
         """make_fence: records a fence after each forward pass (CUDA: an event); Commit and Finished
         wait in the outbox until it completes (see computeworker.engine.fences). on_step: called with
-        each step's StepStats on the compute thread."""
+        each step's StepStats on the compute thread. structured: the grammar engine for requests with a
+        structured output (None: such dispatches are refused)."""
         if pool.dim() != 6 or pool.shape[3] != config.page_size:
             raise ValueError(f"pool shape {tuple(pool.shape)} does not match page_size {config.page_size}")
         self._model = model
@@ -110,6 +113,12 @@ class Engine:
         self._outbox: list[tuple[WorkerToDaemon, Fence | None]] = []
         self._make_fence = make_fence
         self._on_step = on_step
+        if structured is not None and not set(structured.stop_token_ids) <= set(config.eos_token_ids):
+            # A complete grammar allows only its stop tokens: each must end the request here.
+            raise ValueError(
+                f"the grammar's stop tokens {structured.stop_token_ids} are not all EOS ids of the engine"
+            )
+        self._structured = structured
         self._last_fence: Fence | None = None  # recorded after the latest forward pass
         self.steps_done = 0  # forward passes completed (Heartbeat.steps_done)
         self._last_step_prefilled = False
@@ -277,15 +286,29 @@ class Engine:
                 for r in sampling_reqs
             ]
             processed = processed_logits(logits, [row.params for row in rows], histories)
+        refused: set[bytes] = set()  # requests whose grammar refused their last token (never happens)
+        grammars = [req.grammar for req in sampling_reqs]
+        if self._structured is not None and any(g is not None for g in grammars):
+            processed, rows_refused = self._structured.mask(
+                processed, grammars, owned=processed is not logits
+            )
+            refused = {sampling_reqs[j].request_id for j in rows_refused}
         tokens = sample_batch(processed, rows)
         ks = [row.params.logprobs for row in rows]
         logprobs = token_logprobs(logits, tokens, ks) if max(ks, default=-1) >= 0 else [None] * len(ks)
         sampled_at = time.perf_counter()
         sampled = dict(zip(sampling_rows, zip(tokens, logprobs, strict=True), strict=True))
         for i, entry in enumerate(entries):
-            entry.request.num_computed += entry.num_tokens
-            if i in sampled:
-                self._accept_token(entry.request, *sampled[i])
+            req = entry.request
+            req.num_computed += entry.num_tokens
+            if i not in sampled:
+                continue
+            if req.grammar is not None:
+                req.grammar.pending = sampled[i][0]  # fed to the matcher at the next step's mask
+                if req.request_id in refused:
+                    req.finish(FinishReason.STOP)
+                    continue
+            self._accept_token(req, *sampled[i])
         self.steps_done += 1  # read by the heartbeat (another thread): progress for the daemon's watchdog
         if self._on_step is not None:
             self._on_step(
@@ -311,7 +334,13 @@ class Engine:
             raise ValueError(f"request {msg.request_id.hex()} is already here")
         seed = msg.sampling.seed if msg.sampling.seed is not None else self._rng.getrandbits(63)
         return request_from_dispatch(
-            msg, self.config.page_size, self.config.context_len, self._pool.shape[1], seed, self._tokenizer
+            msg,
+            self.config.page_size,
+            self.config.context_len,
+            self._pool.shape[1],
+            seed,
+            self._tokenizer,
+            self._structured,
         )
 
     def _admit(self) -> None:

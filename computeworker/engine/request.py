@@ -36,6 +36,7 @@ from shared.protocol import FinishReason, SamplingParams
 
 if TYPE_CHECKING:
     from computeworker.engine.prompt_scoring import PromptScores
+    from computeworker.engine.structured import GrammarState
 
 
 class Phase(enum.Enum):
@@ -69,6 +70,7 @@ class Request:
     sample_seed: int = 0  # the sampling stream: params.seed, or one the engine drew (see sampling.uniform)
     sample_offset: int = 0  # draws made by earlier attempts (Dispatch.num_generated)
     stop_matcher: StopStringMatcher | None = None
+    grammar: GrammarState | None = None  # the structured output's matcher and pending token, if any
     cow_source: int | None = None  # shared page to copy into page_table[num_computed // page_size]
     phase: Phase = Phase.RUNNING
     num_committed_pages: int = 0  # prompt pages sent in Commit

@@ -4,12 +4,15 @@ embedded SmolLM2-135M-Instruct (CPU), and the official openai client talks to it
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 
@@ -126,6 +129,58 @@ def test_logit_bias_and_penalties_through_the_openai_client(api: openai.OpenAI) 
     with pytest.raises(openai.BadRequestError) as outside:
         tokens(logit_bias={"10000000": 1})
     assert outside.value.param == "logit_bias"
+
+
+def test_structured_output_through_the_openai_client(api: openai.OpenAI) -> None:
+    """response_format with a JSON schema (streamed and not: the same text), json_object with n sampled
+    choices, vLLM's structured_outputs regex and choice on completions, and what is refused."""
+    model = _model(api)
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    ask = [{"role": "user", "content": "Describe a person as JSON."}]
+    person = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    reply = api.chat.completions.create(
+        model=model, messages=ask, max_tokens=40, temperature=0, response_format=person
+    )
+    text = reply.choices[0].message.content
+    jsonschema.validate(json.loads(text), schema)
+    assert reply.choices[0].finish_reason == "stop"
+    stream = api.chat.completions.create(
+        model=model, messages=ask, max_tokens=40, temperature=0, response_format=person, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+    sampled = api.chat.completions.create(
+        model=model, messages=ask, max_tokens=60, temperature=1.0, seed=3, n=3,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    for choice in sampled.choices:
+        assert choice.finish_reason == "length" or isinstance(json.loads(choice.message.content), dict)
+
+    date = api.completions.create(
+        model=model, prompt="Today's date:", max_tokens=16, temperature=0.7,
+        extra_body={"structured_outputs": {"regex": r"20\d\d-[01]\d-[0-3]\d"}},
+    )  # fmt: skip
+    assert re.fullmatch(r"20\d\d-[01]\d-[0-3]\d", date.choices[0].text)
+    answer = api.completions.create(
+        model=model, prompt="Is the sky blue? Answer:", max_tokens=8, temperature=0,
+        extra_body={"structured_outputs": {"choice": [" yes", " no"]}},
+    )  # fmt: skip
+    assert answer.choices[0].text in (" yes", " no") and answer.choices[0].finish_reason == "stop"
+
+    with pytest.raises(openai.BadRequestError) as bad_regex:
+        api.completions.create(
+            model=model, prompt="x", max_tokens=4, extra_body={"structured_outputs": {"regex": "(ab"}}
+        )
+    assert bad_regex.value.param == "structured_outputs" and "parenthesis" in bad_regex.value.message
+    with pytest.raises(openai.BadRequestError) as conflict:
+        api.chat.completions.create(
+            model=model, messages=ask, response_format=person, extra_body={"min_tokens": 2}
+        )
+    assert conflict.value.param == "min_tokens"
 
 
 def test_echo_with_logprobs_scores_a_text_as_generation_would(api: openai.OpenAI) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from computeworker.engine.engine import Engine, EngineConfig
+from computeworker.engine.structured import StructuredDecoding
 from shared.ids import bytes_to_ids, ids_to_bytes
 from shared.pool import MappedPool
 from shared.protocol import (
@@ -37,7 +38,11 @@ class FakeClock:
 
 
 def _engine(
-    pool: MappedPool, model: CountingModel, clock: FakeClock | None = None, **overrides: object
+    pool: MappedPool,
+    model: CountingModel,
+    clock: FakeClock | None = None,
+    structured: StructuredDecoding | None = None,
+    **overrides: object,
 ) -> Engine:
     settings: dict[str, object] = dict(
         page_size=4,
@@ -51,8 +56,14 @@ def _engine(
     )
     settings.update(overrides)
     return Engine(
-        model, object(), pool.tensor, LetterTokenizer(), EngineConfig(**settings), clock=clock or FakeClock()
-    )  # type: ignore[arg-type]
+        model,  # type: ignore[arg-type]
+        object(),  # type: ignore[arg-type]
+        pool.tensor,
+        LetterTokenizer(),
+        EngineConfig(**settings),  # type: ignore[arg-type]
+        clock=clock or FakeClock(),
+        structured=structured,
+    )
 
 
 def _dispatch(
