@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.grammar import grammar_of, xgrammar
+from shared.grammar import error_text, grammar_of, xgrammar
 from shared.protocol import StructuredOutput
 
 log = logging.getLogger(__name__)
@@ -108,16 +108,20 @@ class StructuredDecoding:
     def compiled(self, structured: StructuredOutput) -> Any:
         """`structured` compiled for this vocabulary (the last MAX_COMPILED are kept). The first call
         loads the grammar engine (~2 s): the worker runtime makes it off its event loop. ValueError if
-        the spec does not compile."""
+        the spec does not compile or the grammar engine fails (the request is refused, not the worker)."""
         key = (structured.kind, structured.spec)
         with self._lock:
             found = self._compiled.pop(key, None)
             if found is not None:
                 self._compiled[key] = found  # most recently used last
                 return found
-        compiler = self._compiler_once()
         start = time.perf_counter()
-        compiled = compiler.compile_grammar(grammar_of(structured))
+        try:
+            compiled = self._compiler_once().compile_grammar(grammar_of(structured))
+        except ValueError:
+            raise
+        except Exception as exc:  # the grammar engine failed (not installed, a C++ check): refuse the request
+            raise ValueError(f"structured output unavailable: {error_text(exc)}") from exc
         seconds = time.perf_counter() - start
         if seconds > 0.05:
             log.info("compiled a %s grammar in %.0f ms", structured.kind, seconds * 1e3)

@@ -153,3 +153,12 @@ def test_many_rows_are_masked_in_parallel_exactly_as_one_thread_does() -> None:
     assert again[0][1] == again[1][1] == [i for i, r in enumerate(rows) if r == []]
     allowed = [set(torch.nonzero(row > -torch.inf).flatten().tolist()) for row in again[0][0]]
     assert allowed[1] == allowed[2] == {2, 3, 28, 29, 54, 55}  # "bc" / "bcc": c or d
+
+
+def test_a_failing_grammar_engine_refuses_the_request_not_the_worker() -> None:
+    def broken() -> object:
+        raise RuntimeError("[08:00:00] /x/tokenizer_info.cc:12: cannot read the vocabulary")
+
+    grammars = StructuredDecoding(broken, 64, [EOS])
+    with pytest.raises(ValueError, match="unavailable: cannot read the vocabulary"):
+        grammars.compiled(REGEX)
