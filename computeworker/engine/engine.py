@@ -26,15 +26,15 @@ import torch
 
 from computeworker.engine.dispatch import check_page_ids, request_from_dispatch
 from computeworker.engine.fences import Fence, StepStats
-from computeworker.engine.logits_processing import processed_logits, row_history
-from computeworker.engine.prompt_scoring import prompt_logprobs_frame, score_chunks
+from computeworker.engine.prompt_scoring import prompt_logprobs_frame, score_and_keep_last_rows
 from computeworker.engine.request import Phase, Request
-from computeworker.engine.sampling import RowSampling, TokenLogprobs, sample_batch, token_logprobs
+from computeworker.engine.sampling import TokenLogprobs
 from computeworker.engine.scheduler import build_batch, plan_step, scoring_chunks
 from computeworker.engine.stop import DetokenizerSource
 from computeworker.engine.structured import StructuredDecoding
+from computeworker.engine.token_choice import choose_tokens, generated_frame
 from computeworker.model.batch import AttentionBackend, ForwardBatch
-from shared.ids import bytes_to_ids, ids_to_bytes
+from shared.ids import bytes_to_ids
 from shared.protocol import (
     Commit,
     CommitAck,
@@ -43,7 +43,6 @@ from shared.protocol import (
     ErrorReply,
     Finished,
     FinishReason,
-    Generated,
     PageRequest,
     PagesGranted,
     WorkerToDaemon,
@@ -266,38 +265,15 @@ class Engine:
         issued = time.perf_counter()
         if self._make_fence is not None:
             self._last_fence = self._make_fence()
-        if scoring:  # every token's logits: score the prompt chunks, keep each sequence's last row
-            for (req, *_), scores in zip(scoring, score_chunks(logits, scoring), strict=True):
-                req.prompt_scores.append(scores)
-            last_rows = torch.from_numpy(np.cumsum(batch.q_lens) - 1).to(logits.device)
-            logits = logits.index_select(0, last_rows)
+        if scoring:
+            logits = score_and_keep_last_rows(logits, scoring, batch.q_lens)
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
         if len(sampling_rows) < len(entries):  # some rows end mid-prompt (chunked prefill)
             logits = logits[sampling_rows]
         sampling_reqs = [entries[i].request for i in sampling_rows]
-        rows = [
-            RowSampling(req.sampling, req.sample_seed, req.sample_offset + len(req.output))
-            for req in sampling_reqs
-        ]
-        processed = logits
-        if any(row.params.processes_logits for row in rows):  # else nothing to build per row
-            histories = [
-                row_history(r, self.config.eos_token_ids, logits.shape[-1], logits.device)
-                for r in sampling_reqs
-            ]
-            processed = processed_logits(logits, [row.params for row in rows], histories)
-        refused: set[bytes] = set()  # requests whose grammar refused their last token (never happens)
-        grammars = [req.grammar for req in sampling_reqs]
-        if self._structured is not None and any(g is not None for g in grammars):
-            processed, rows_refused = self._structured.mask(
-                processed, grammars, owned=processed is not logits
-            )
-            refused = {sampling_reqs[j].request_id for j in rows_refused}
-        tokens = sample_batch(processed, rows)
-        ks = [row.params.logprobs for row in rows]
-        logprobs = token_logprobs(logits, tokens, ks) if max(ks, default=-1) >= 0 else [None] * len(ks)
+        choices = choose_tokens(logits, sampling_reqs, self.config.eos_token_ids, self._structured)
         sampled_at = time.perf_counter()
-        sampled = dict(zip(sampling_rows, zip(tokens, logprobs, strict=True), strict=True))
+        sampled = dict(zip(sampling_rows, zip(choices.tokens, choices.logprobs, strict=True), strict=True))
         for i, entry in enumerate(entries):
             req = entry.request
             req.num_computed += entry.num_tokens
@@ -305,7 +281,7 @@ class Engine:
                 continue
             if req.grammar is not None:
                 req.grammar.pending = sampled[i][0]  # fed to the matcher at the next step's mask
-                if req.request_id in refused:
+                if req.request_id in choices.refused:
                     req.finish(FinishReason.STOP)
                     continue
             self._accept_token(req, *sampled[i])
@@ -389,7 +365,7 @@ class Engine:
             or now - req.last_flush_s >= self.config.stream_interval_s
         ):
             out = req.output[req.num_emitted :]
-            self._outbox.append((_generated(req, out), None))
+            self._outbox.append((generated_frame(req, out), None))
             req.num_emitted = req.num_output
             req.last_flush_s = now
 
@@ -421,17 +397,3 @@ class Engine:
             num_pages = min(needed, max(self.config.decode_page_chunk, -(-shortfall // ps)))
             self._outbox.append((PageRequest(req.request_id, num_pages), None))
             req.pages_requested = True
-
-
-def _generated(req: Request, tokens: list[int]) -> Generated:
-    """The Generated frame of `tokens`, the request's newest output, with their logprobs if it asked."""
-    if req.sampling.logprobs < 0:
-        return Generated(req.request_id, ids_to_bytes(tokens))
-    entries = req.output_logprobs[req.num_emitted : req.num_emitted + len(tokens)]
-    return Generated(
-        req.request_id,
-        ids_to_bytes(tokens),
-        logprobs=np.array([e.logprob for e in entries], dtype="<f4").tobytes(),
-        top_ids=np.array([e.top_ids for e in entries], dtype="<i4").tobytes(),
-        top_logprobs=np.array([e.top_logprobs for e in entries], dtype="<f4").tobytes(),
-    )

@@ -42,6 +42,17 @@ def scoring_rows(req: Request, start: int, num_tokens: int) -> int:
     return max(0, min(num_tokens, req.prompt_len - 1 - start))
 
 
+def score_and_keep_last_rows(
+    logits: torch.Tensor, chunks: Sequence[tuple[Request, int, int, int]], q_lens: Sequence[int]
+) -> torch.Tensor:
+    """A step run with every token's logits [tokens, vocab]: each scoring chunk's scores appended to its
+    request, and the last row of every sequence returned (the rows sampling reads)."""
+    for (req, *_), scores in zip(chunks, score_chunks(logits, chunks), strict=True):
+        req.prompt_scores.append(scores)
+    last_rows = torch.from_numpy(np.cumsum(q_lens) - 1).to(logits.device)
+    return logits.index_select(0, last_rows)
+
+
 def score_chunks(logits: torch.Tensor, chunks: Sequence[tuple[Request, int, int, int]]) -> list[PromptScores]:
     """For each (request, first logits row, first position, rows) chunk: the scores of prompt tokens
     position + 1 ... of its rows of `logits` [tokens, vocab] (every token's logits). One log-softmax and
