@@ -281,7 +281,7 @@ class Engine:
                 continue
             if req.grammar is not None:
                 req.grammar.pending = sampled[i][0]  # fed to the matcher at the next step's mask
-                if req.request_id in choices.refused:
+                if req.request_id in choices.stuck:
                     req.finish(FinishReason.STOP)
                     continue
             self._accept_token(req, *sampled[i])

@@ -146,8 +146,10 @@ class StructuredDecoding:
         """Feed every row's pending token to its matcher, then mask its logits to the tokens its grammar
         allows next; rows without a state are untouched. owned: `logits` is float32 and may be changed
         in place (the logits processing's copy); else the result is a new float32 tensor (`logits` itself
-        when no row has a state). Also returns the rows whose pending token the grammar refused (which
-        their last mask prevents): their masks are stale, the engine ends them.
+        when no row has a state). Also returns the rows whose grammar cannot go on: it refused the
+        pending token (which its last mask prevents), or no token of the vocabulary continues the match
+        (a vocabulary without single-byte tokens can strand a partial one). Those rows are left
+        unmasked; the engine ends their requests and discards what they sample.
 
         Nothing here waits for the GPU: both host parts (accepting, filling the bitmask into a pinned
         buffer) run while the forward pass is on the GPU, the copy does not block and the kernel queues
@@ -161,13 +163,13 @@ class StructuredDecoding:
         parallel = len(rows) >= PARALLEL_ROWS and self.fill_threads > 1
         fed = [(i, m, states[i].pending) for i, m in zip(rows, matchers, strict=True)]  # type: ignore[union-attr]
         fed = [(i, m, token) for i, m, token in fed if token >= 0]
-        refused: list[int] = []
+        stuck: set[int] = set()
         if fed:
             if parallel:
                 accepted = self._batch().batch_accept_token([m for _, m, _ in fed], [t for _, _, t in fed])
             else:
                 accepted = [m.accept_token(token) for _, m, token in fed]
-            refused = [i for (i, _, _), ok in zip(fed, accepted, strict=True) if not ok]
+            stuck = {i for (i, _, _), ok in zip(fed, accepted, strict=True) if not ok}
             for i, _, _ in fed:
                 states[i].pending = NO_TOKEN  # type: ignore[union-attr]
         vocab = logits.shape[-1]
@@ -177,13 +179,18 @@ class StructuredDecoding:
         else:
             for i, m in zip(rows, matchers, strict=True):
                 m.fill_next_token_bitmask(bitmask, i)
+        allows_some = bitmask.any(dim=1).tolist()
+        stuck.update(i for i in rows if not allows_some[i])
+        live = [i for i in rows if i not in stuck]
+        if not live:
+            return logits, sorted(stuck)
         if owned:
             out = logits
         else:  # (logits.to(float32, copy=True) takes milliseconds on CPU: a slow path in torch)
             out = logits.clone() if logits.dtype == torch.float32 else logits.float()
         on_device = bitmask.to(out.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(out, on_device, vocab_size=vocab, indices=rows)
-        return out, refused
+        xgr.apply_token_bitmask_inplace(out, on_device, vocab_size=vocab, indices=live)
+        return out, sorted(stuck)
 
     def _batch(self) -> Any:
         """xgrammar's batch matcher: fills and accepts for many rows on fill_threads threads."""

@@ -23,7 +23,9 @@ from shared.protocol import Generated
 class Choices:
     tokens: list[int]  # one per row
     logprobs: list[TokenLogprobs | None]  # per row: None unless the request asked
-    refused: frozenset[bytes]  # requests whose grammar refused their previous token (its mask prevents it)
+    stuck: frozenset[
+        bytes
+    ]  # requests whose grammar cannot go on (StructuredDecoding.mask): ended, token dropped
 
 
 def choose_tokens(
@@ -39,15 +41,15 @@ def choose_tokens(
         vocab, device = logits.shape[-1], logits.device
         histories = [row_history(req, eos_token_ids, vocab, device) for req in reqs]
         processed = processed_logits(logits, [row.params for row in rows], histories)
-    refused: frozenset[bytes] = frozenset()
+    stuck: frozenset[bytes] = frozenset()
     grammars = [req.grammar for req in reqs]
     if structured is not None and any(g is not None for g in grammars):
-        processed, refused_rows = structured.mask(processed, grammars, owned=processed is not logits)
-        refused = frozenset(reqs[j].request_id for j in refused_rows)
+        processed, stuck_rows = structured.mask(processed, grammars, owned=processed is not logits)
+        stuck = frozenset(reqs[j].request_id for j in stuck_rows)
     tokens = sample_batch(processed, rows)
     ks = [row.params.logprobs for row in rows]
     logprobs = token_logprobs(logits, tokens, ks) if max(ks, default=-1) >= 0 else [None] * len(ks)
-    return Choices(tokens, logprobs, refused)
+    return Choices(tokens, logprobs, stuck)
 
 
 def generated_frame(req: Request, tokens: list[int]) -> Generated:

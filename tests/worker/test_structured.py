@@ -162,3 +162,24 @@ def test_a_failing_grammar_engine_refuses_the_request_not_the_worker() -> None:
     grammars = StructuredDecoding(broken, 64, [EOS])
     with pytest.raises(ValueError, match="unavailable: cannot read the vocabulary"):
         grammars.compiled(REGEX)
+
+
+def test_a_match_no_token_can_continue_ends_the_request(shm_pool: MappedPool) -> None:
+    """A vocabulary without single-character tokens can strand a partial match: here "bq" starts "bqr"
+    but no token holds an "r". The row is left unmasked, its request ends with what it had."""
+    vocab = [("bq" if i == 1 else "R" if t in "br" else t) for i, t in enumerate(LETTERS)]
+    grammars = StructuredDecoding.for_vocabulary(vocab, [EOS])
+    state = grammars.start(StructuredOutput("regex", "bqr"))
+    logits = torch.zeros(1, len(vocab))
+    masked, stuck = grammars.mask(logits, [state], owned=False)
+    assert stuck == [] and set(torch.nonzero(masked[0] > -torch.inf).flatten().tolist()) == {1}
+    state.pending = 1
+    masked, stuck = grammars.mask(logits, [state], owned=False)
+    assert stuck == [0] and torch.equal(masked, logits)  # nothing allowed: left alone, reported
+
+    eng = _engine(shm_pool, CountingModel(), structured=grammars)
+    sampling = SamplingParams(
+        temperature=1.0, seed=5, max_tokens=20, structured=StructuredOutput("regex", "bqr")
+    )
+    ((tokens, fin),) = _run(eng, _dispatch([0], 0, [], [1, 2], sampling)).values()
+    assert tokens == [1] and fin.reason is FinishReason.STOP
