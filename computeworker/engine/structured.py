@@ -179,7 +179,9 @@ class StructuredDecoding:
         else:
             for i, m in zip(rows, matchers, strict=True):
                 m.fill_next_token_bitmask(bitmask, i)
-        allows_some = bitmask.any(dim=1).tolist()
+        # numpy, not torch: a torch CPU reduction wakes its thread pool, whose spinning threads then take
+        # the cores the grammar engine's fill threads need (3x slower fills on an H200 host, run 53).
+        allows_some = bitmask.numpy().any(axis=1).tolist()
         stuck.update(i for i in rows if not allows_some[i])
         live = [i for i in rows if i not in stuck]
         if not live:
