@@ -12,7 +12,7 @@ so rows move through keys, strings, numbers and an enum. Reported per batch size
 (the engine fills them while the GPU runs the forward pass; see computeworker.engine.structured).
 
     python -m bench.structured_bench --out bench/results/structured.json [--tokenizer tok.json(.gz)]
-    python -m bench.structured_bench --export-tokenizer tok.json.gz     (for a GPU machine: see gpu_session.sh)
+    python -m bench.structured_bench --export-tokenizer tok.json.gz    (for a GPU machine: gpu_session.sh)
 """
 
 from __future__ import annotations

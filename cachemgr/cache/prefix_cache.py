@@ -86,7 +86,8 @@ class PrefixCache:
     # ----------------------------------------------------------------- matching
 
     def match(self, namespace: Namespace, tokens: Tokens) -> MatchResult:
-        """Longest committed page-aligned prefix of ``tokens`` and the longest prefix a live lease is computing.
+        """Longest committed page-aligned prefix of ``tokens`` and the longest prefix a live lease is
+        computing.
 
         Changes no tree state (recency is updated when a lease locks the path); counts queried/hit tokens.
         """
@@ -305,7 +306,8 @@ class PrefixCache:
 
     @property
     def num_namespaces(self) -> int:
-        """Namespaces with a root now: those with cached pages or a live lease (idle empty ones are dropped)."""
+        """Namespaces with a root now: those with cached pages or a live lease (idle empty ones are
+        dropped)."""
         return len(self._roots)
 
     def dump(self, max_nodes: int = 200) -> TreeDump:

@@ -1,6 +1,7 @@
 """A Dispatch checked and turned into the engine's Request: the page table, the cached prefix, the
-copy-on-write of a full hit, the stop-string matcher, the structured output's grammar matcher. Raises ValueError, changing nothing, for anything the
-daemon should never have sent (the runtime answers it with a WorkerError)."""
+copy-on-write of a full hit, the stop-string matcher, the structured output's grammar matcher. Raises
+ValueError, changing nothing, for anything the daemon should never have sent (the runtime answers it with
+a WorkerError)."""
 
 from __future__ import annotations
 

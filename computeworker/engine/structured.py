@@ -161,8 +161,8 @@ class StructuredDecoding:
         xgr = xgrammar()
         matchers = [states[i].matcher for i in rows]  # type: ignore[union-attr]
         parallel = len(rows) >= PARALLEL_ROWS and self.fill_threads > 1
-        fed = [(i, m, states[i].pending) for i, m in zip(rows, matchers, strict=True)]  # type: ignore[union-attr]
-        fed = [(i, m, token) for i, m, token in fed if token >= 0]
+        pending = [states[i].pending for i in rows]  # type: ignore[union-attr]
+        fed = [(i, m, t) for i, m, t in zip(rows, matchers, pending, strict=True) if t != NO_TOKEN]
         stuck: set[int] = set()
         if fed:
             if parallel:
