@@ -8,7 +8,7 @@ daemon keeps tokenization off its event loop). `IncrementalDetokenizer` objects 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,14 @@ class Tokenizer:
         """Token ids of plain text, with the special tokens the model adds to every prompt (e.g. BOS)."""
         return encode_ids(self._backend, text, add_special_tokens=True)
 
-    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
         """Token ids of the rendered chat prompt. No extra BOS: the template writes its own."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return encode_ids(self._backend, text, add_special_tokens=False)
 
     def segment_encoder(self, max_bytes: int) -> tuple[SegmentEncoder | None, str]:
@@ -72,12 +77,17 @@ class Tokenizer:
         pieces between special tokens are not provably independent. Raises ValueError if max_bytes <= 0."""
         return SegmentEncoder.create(self._backend, max_bytes)
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation. Raises ValueError if the model has no chat template or the
-        template rejects the messages."""
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for a conversation (and the tools it may call, for templates that show them).
+        Raises ValueError if the model has no chat template or the template rejects the messages."""
         if self._chat is None:
             raise ValueError("this model has no chat template")
-        return self._chat.render(messages, add_generation_prompt=add_generation_prompt)
+        return self._chat.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens (BOS, EOS, chat markers) left out."""

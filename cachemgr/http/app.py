@@ -35,6 +35,7 @@ from cachemgr.http.generate import Generation, respond, submit
 from cachemgr.http.parse import CommonParams, parse_chat, parse_completion
 from cachemgr.http.shapes import ResponseShape
 from cachemgr.http.tokens import TokenizerAdapter
+from cachemgr.http.tools import ToolUse
 from shared.grammar import structured_error
 from shared.protocol import SamplingParams
 
@@ -114,8 +115,11 @@ class _Api:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat(await _json_body(request))
         self._check_model(parsed.params)
-        token_ids = await self._off_loop(self.tokenizer.encode_chat, list(parsed.messages))
-        return await self._generate(request, parsed.params, [(token_ids, None)], chat=True)
+        tools = parsed.tools.tools if parsed.tools is not None else None
+        token_ids = await self._off_loop(self.tokenizer.encode_chat, list(parsed.messages), tools)
+        return await self._generate(
+            request, parsed.params, [(token_ids, None)], chat=True, tools=parsed.tools
+        )
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's /tokenize: {"prompt": text} as /v1/completions tokenizes it, or {"messages": [...]} as
@@ -155,8 +159,8 @@ class _Api:
         if params.model is not None and params.model != self.model_name:
             raise model_not_found(params.model)
 
-    async def _off_loop(self, fn: Callable[..., Any], arg: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, arg)
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def _generate(
         self,
@@ -165,6 +169,7 @@ class _Api:
         prompts: Sequence[tuple[np.ndarray, str | None]],
         *,
         chat: bool,
+        tools: ToolUse | None = None,
     ) -> web.StreamResponse:
         """Submit n choices of every (token ids, echo text) prompt, prompt-major (choice index = prompt x n
         + choice, as OpenAI numbers a batch), and answer them as one response."""
@@ -191,7 +196,14 @@ class _Api:
         try:
             for token_ids, echo in prompts:
                 gen = Generation(
-                    shape, token_ids, sampling, params.stream, params.include_usage, echo, params.score_only
+                    shape,
+                    token_ids,
+                    sampling,
+                    params.stream,
+                    params.include_usage,
+                    echo,
+                    params.score_only,
+                    tools,
                 )
                 for i in range(params.n):
                     # The n choices share the prompt: the first computes its pages, the others wait for them.

@@ -20,6 +20,7 @@ from cachemgr.daemon.stream import LogprobEntry, RequestStream
 from cachemgr.http.errors import APIError, bad_request, unavailable
 from cachemgr.http.shapes import (
     SSE_DONE,
+    Choice,
     ResponseShape,
     chat_logprobs,
     completion_logprobs,
@@ -27,6 +28,7 @@ from cachemgr.http.shapes import (
     usage,
 )
 from cachemgr.http.text import Detokenizer, TextAssembler
+from cachemgr.http.tools import CALL_STARTS, ToolUse
 from shared.protocol import FinishReason, SamplingParams
 
 DISCONNECT_POLL_S = 0.2
@@ -43,6 +45,7 @@ class Generation:
     include_usage: bool
     echo: str | None = None  # completions with echo: the prompt's text, leading every choice
     score_only: bool = False  # echo with max_tokens 0: only the prompt is answered
+    tools: ToolUse | None = None  # chat with tools: the output may be tool calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class _Piece:
     finish_reason: str | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: tuple[LogprobEntry, ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] = ()  # the last piece of an answer that called tools
 
 
 class _LogprobsFormatter:
@@ -147,6 +151,47 @@ async def _pieces(
     raise unavailable("The request ended without a finish reason.", "request_failed")
 
 
+async def _tool_call_pieces(source: AsyncIterator[_Piece], tools: ToolUse) -> AsyncIterator[_Piece]:
+    """The pieces of a chat choice whose answer may be tool calls. tool_choice "auto": the text streams
+    as it comes until its first non-blank character; if that could start a call ({, [ or <) the rest is
+    held to the end and read for calls, else it streams on. "required" / a named function: the whole
+    answer is held (it is the calls). A held answer leaves as one piece: the text before the calls, and
+    the calls, finish reason "tool_calls" (a named function keeps the model's: OpenAI's "stop")."""
+    held: list[_Piece] = []
+    holding = tools.choice != "auto"
+    undecided = not holding
+    async for piece in source:
+        if undecided:
+            held.append(piece)
+            text = "".join(p.text for p in held).lstrip()
+            if not text and piece.finish_reason is None:
+                continue
+            undecided = False
+            holding = text.startswith(CALL_STARTS)
+            if not holding:
+                for p in held:
+                    yield p
+                held = []
+                continue
+        elif holding:
+            held.append(piece)
+        else:
+            yield piece
+            continue
+        if piece.finish_reason is None:
+            continue
+        content, calls = tools.calls_in("".join(p.text for p in held))
+        reason = piece.finish_reason if not calls or tools.choice == "function" else "tool_calls"
+        yield _Piece(
+            content or "" if calls else "".join(p.text for p in held),
+            reason,
+            [t for p in held for t in p.token_ids],
+            tuple(e for p in held for e in p.logprobs),
+            tuple(calls),
+        )
+        return
+
+
 async def respond(
     request: web.Request,
     streams: Sequence[RequestStream],
@@ -165,6 +210,8 @@ async def respond(
         _pieces(stream, TextAssembler(detok, choice.sampling.stop), counter, choice)
         for stream, detok, counter, choice in zip(streams, detokenizers, counters, gens, strict=True)
     ]
+    if gen.tools is not None and gen.tools.reads_calls:
+        pieces = [_tool_call_pieces(source, gen.tools) for source in pieces]
     firsts = streams[::n]  # each prompt's first choice: its prompt and cached tokens count once
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, streams))
     try:
@@ -174,14 +221,21 @@ async def respond(
         finishes = [FinishReason.STOP.value for _ in streams]
         ids: list[list[int]] = [[] for _ in streams]
         entries: list[list[LogprobEntry]] = [[] for _ in streams]
+        calls: list[tuple[dict[str, Any], ...]] = [() for _ in streams]
         async for i, piece in _merged(pieces):
             texts[i].append(piece.text)
             ids[i] += piece.token_ids
             entries[i] += piece.logprobs
+            calls[i] += piece.tool_calls
             if piece.finish_reason is not None:
                 finishes[i] = piece.finish_reason
         choices = [
-            ("".join(texts[i]), finishes[i], formatters[i].format(ids[i], entries[i]))
+            Choice(
+                "".join(texts[i]) or (None if calls[i] else ""),
+                finishes[i],
+                formatters[i].format(ids[i], entries[i]),
+                calls[i],
+            )
             for i in range(len(streams))
         ]
         return web.json_response(gen.shape.full(choices, _usage(firsts, counters)))
@@ -251,6 +305,9 @@ async def _respond_stream(
                 if piece.text or piece.logprobs:
                     logprobs = formatters[i].format(piece.token_ids, piece.logprobs)
                     chunk = shape.chunk(piece.text, None, index=i, with_usage=with_usage, logprobs=logprobs)
+                    await response.write(sse_event(chunk))
+                if piece.tool_calls:
+                    chunk = shape.chunk("", None, index=i, with_usage=with_usage, tool_calls=piece.tool_calls)
                     await response.write(sse_event(chunk))
                 if piece.finish_reason is not None:
                     chunk = shape.chunk("", piece.finish_reason, index=i, with_usage=with_usage)

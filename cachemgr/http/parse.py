@@ -1,8 +1,9 @@
 """Request bodies of /v1/completions and /v1/chat/completions -> validated, immutable requests.
 
-Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (best_of > 1, tools) are
-refused with a 400 naming the field, rather than silently answered differently. Structured output
-(response_format, structured_outputs) is read by cachemgr.http.structured.
+Unknown fields are ignored, as OpenAI does. Fields we accept but cannot honour (best_of > 1, the deprecated
+functions / function_call) are refused with a 400 naming the field, rather than silently answered
+differently. Structured output (response_format, structured_outputs) is read by cachemgr.http.structured,
+tools by cachemgr.http.tools.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from cachemgr.http.chat_messages import chat_message
 from cachemgr.http.errors import bad_request
 from cachemgr.http.structured import parse_structured
+from cachemgr.http.tools import ToolUse, parse_tools
 from shared.protocol import MAX_LOGIT_BIAS_TOKENS, MAX_TOP_LOGPROBS, SamplingParams, StructuredOutput
 
 MAX_STOP_STRINGS = 16
@@ -22,7 +25,6 @@ MAX_PROMPTS = 64  # a batched completion's prompts
 MAX_GENERATIONS = 128  # prompts x n: the daemon requests one HTTP request may start
 MAX_CACHE_SALT_CHARS = 256
 MAX_TOKEN_ID_PROMPT = 1 << 20  # longer than any context we serve; refused before touching the daemon
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +104,11 @@ class CompletionRequest:
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    messages: tuple[dict[str, str], ...]  # {"role": ..., "content": text}, content flattened to text
+    # {"role": ..., "content": text} (content flattened to text), plus an assistant's "tool_calls" and a
+    # tool message's "tool_call_id", as chat templates read them
+    messages: tuple[dict[str, Any], ...]
     params: CommonParams
+    tools: ToolUse | None = None
 
 
 def parse_completion(body: Any) -> CompletionRequest:
@@ -133,15 +138,24 @@ def parse_chat(body: Any) -> ChatRequest:
     """Validate a /v1/chat/completions body. Raises APIError 400 naming the offending field."""
     _require_object(body)
     _refuse_unsupported(body)
-    for name in ("tools", "functions"):
+    for name in ("functions", "function_call"):  # the deprecated forms of tools / tool_choice
         if body.get(name) not in (None, []):
-            raise bad_request(f"{name} is not supported", param=name)
+            raise bad_request(f"{name} is not supported: use tools and tool_choice", param=name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array", param="messages")
-    parsed = tuple(_message(m, i) for i, m in enumerate(messages))
+    parsed = tuple(chat_message(m, i) for i, m in enumerate(messages))
     max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ChatRequest(messages=parsed, params=_common(body, max_field, _chat_logprobs(body)))
+    params = _common(body, max_field, _chat_logprobs(body))
+    tools = parse_tools(body)
+    forced = tools.structured() if tools is not None else None
+    if forced is not None:  # tool_choice "required" or a named function: the output is constrained
+        if params.structured is not None:
+            raise bad_request(
+                "tool_choice 'required' or a named function excludes a response_format", param="tool_choice"
+            )
+        params = replace(params, structured=forced, structured_field="tools")
+    return ChatRequest(messages=parsed, params=params, tools=tools)
 
 
 def _chat_logprobs(body: dict[str, Any]) -> int:
@@ -190,34 +204,6 @@ def _prompt(value: Any) -> Prompt:
         "'prompt' must be a non-empty string or a non-empty array of token ids, or an array of those.",
         param="prompt",
     )
-
-
-def _message(value: Any, index: int) -> dict[str, str]:
-    param = f"messages[{index}]"
-    if not isinstance(value, dict):
-        raise bad_request(f"{param} must be an object", param=param)
-    role = value.get("role")
-    if role not in CHAT_ROLES:
-        raise bad_request(f"{param}.role must be one of {sorted(CHAT_ROLES)}", param=f"{param}.role")
-    content = value.get("content")
-    if content is None and role == "assistant":
-        content = ""
-    if isinstance(content, list):
-        content = _text_parts(content, f"{param}.content")
-    if not isinstance(content, str):
-        raise bad_request(
-            f"{param}.content must be a string or an array of text parts", param=f"{param}.content"
-        )
-    return {"role": "system" if role == "developer" else role, "content": content}
-
-
-def _text_parts(parts: list[Any], param: str) -> str:
-    texts = []
-    for part in parts:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise bad_request(f"{param}: only text parts are supported", param=param)
-        texts.append(part["text"])
-    return "".join(texts)
 
 
 def _common(body: dict[str, Any], max_field: str, logprobs: int) -> CommonParams:

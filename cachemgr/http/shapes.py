@@ -31,6 +31,24 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 @dataclass(frozen=True, slots=True)
+class Choice:
+    """One finished choice: its text (None: a chat answer that is only tool calls), finish reason,
+    logprobs object and tool calls (OpenAI's shape, chat only)."""
+
+    text: str | None
+    finish_reason: str
+    logprobs: dict[str, Any] | None = None
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+
+def _message(text: str | None, tool_calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = list(tool_calls)
+    return message
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseShape:
     """Builds the objects of one response. `chat` selects chat.completion vs text_completion shapes."""
 
@@ -42,27 +60,24 @@ class ResponseShape:
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def full(
-        self, choices: Sequence[tuple[str, str, dict[str, Any] | None]], usage_body: dict[str, Any]
-    ) -> dict[str, Any]:
-        """The whole (non-streamed) response: one choice per (text, finish_reason, logprobs object or
-        None), in index order."""
+    def full(self, choices: Sequence[Choice], usage_body: dict[str, Any]) -> dict[str, Any]:
+        """The whole (non-streamed) response, one choice per Choice, in index order."""
         if self.chat:
             body = self._head("chat.completion")
             body["choices"] = [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": logprobs,
-                    "finish_reason": finish_reason,
+                    "message": _message(c.text, c.tool_calls),
+                    "logprobs": c.logprobs,
+                    "finish_reason": c.finish_reason,
                 }
-                for i, (text, finish_reason, logprobs) in enumerate(choices)
+                for i, c in enumerate(choices)
             ]
         else:
             body = self._head("text_completion")
             body["choices"] = [
-                {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-                for i, (text, finish_reason, logprobs) in enumerate(choices)
+                {"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+                for i, c in enumerate(choices)
             ]
         body["usage"] = usage_body
         body["system_fingerprint"] = None
@@ -77,13 +92,17 @@ class ResponseShape:
         first: bool = False,
         with_usage: bool = False,
         logprobs: dict[str, Any] | None = None,
+        tool_calls: Sequence[dict[str, Any]] = (),
     ) -> dict[str, Any]:
         """One streamed chunk of choice ``index``. The first chat chunk of a choice carries the assistant
-        role; with include_usage every chunk has "usage": null until the final usage-only chunk."""
+        role; with include_usage every chunk has "usage": null until the final usage-only chunk. Tool calls
+        go out whole, each with its index among the choice's calls."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             if finish_reason is not None and not text:
                 delta = {}
+            if tool_calls:
+                delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(tool_calls)]}
             choice: dict[str, Any] = {
                 "index": index,
                 "delta": delta,

@@ -56,14 +56,18 @@ class TokenizerAdapter:
             return self._segments.encode(text, add_special_tokens=True)
         return np.asarray(self._tokenizer.encode(text), dtype=np.int32)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> np.ndarray:
-        """Render the chat template (ending with the assistant's turn opener) and tokenize it, int32."""
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> np.ndarray:
+        """Render the chat template (ending with the assistant's turn opener; `tools` for templates that
+        show them to the model) and tokenize it, int32."""
+        extra = {"tools": tools} if tools else {}  # tokenizers without tool support are called as before
         try:
             if self._segments is not None:
-                text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
                 return self._segments.encode(text, add_special_tokens=False)
             return np.asarray(
-                self._tokenizer.encode_chat(messages, add_generation_prompt=True), dtype=np.int32
+                self._tokenizer.encode_chat(messages, add_generation_prompt=True, **extra), dtype=np.int32
             )
         except ValueError as exc:  # no template, or it refused the conversation (e.g. roles out of order)
             raise bad_request(f"Invalid conversation: {exc}", param="messages") from None

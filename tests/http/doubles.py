@@ -28,14 +28,27 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(ids).decode(errors="replace")
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """A toy template: "<tools>f,g\n" when there are tools, then "<role>content\n" per message (an
+        assistant's tool calls as "name(arguments as JSON)")."""
         if messages[0]["role"] == "assistant":
             raise ValueError("a conversation cannot start with the assistant")
-        turns = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
-        return self.encode(turns + ("<assistant>" if add_generation_prompt else ""))
+        head = f"<tools>{','.join(t['function']['name'] for t in tools)}\n" if tools else ""
+        turns = "".join(f"<{m['role']}>{m['content']}{_calls(m)}\n" for m in messages)
+        return self.encode(head + turns + ("<assistant>" if add_generation_prompt else ""))
 
     def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.decode, prompt_ids)
+
+
+def _calls(message: dict[str, Any]) -> str:
+    calls = message.get("tool_calls", [])
+    return "".join(f"{c['function']['name']}({json.dumps(c['function']['arguments'])})" for c in calls)
 
 
 class TagTokenizer(ByteTokenizer):

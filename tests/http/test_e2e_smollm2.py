@@ -183,6 +183,49 @@ def test_structured_output_through_the_openai_client(api: openai.OpenAI) -> None
     assert conflict.value.param == "min_tokens"
 
 
+def test_tool_calls_through_the_openai_client(api: openai.OpenAI) -> None:
+    """A named function and "required" constrain SmolLM2's answer to calls the client parses; "auto"
+    (SmolLM2's template does not show tools: it answers in text) still gives a valid answer; the call and
+    its result go back in the next turn."""
+    model = _model(api)
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = api.chat.completions.create(
+        model=model, messages=ask, tools=[weather], max_tokens=30, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )  # fmt: skip
+    (call,) = named.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(
+        json.loads(call.function.arguments)["city"], str
+    )
+    required = api.chat.completions.create(
+        model=model, messages=ask, tools=[weather], max_tokens=40, temperature=0, tool_choice="required"
+    )
+    assert required.choices[0].finish_reason == "tool_calls"
+    assert {c.function.name for c in required.choices[0].message.tool_calls} == {"get_weather"}
+    auto = api.chat.completions.create(
+        model=model, messages=ask, tools=[weather], max_tokens=8, temperature=0
+    )
+    assert auto.choices[0].message.content or auto.choices[0].message.tool_calls
+    follow_up = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+    ]
+    answer = api.chat.completions.create(model=model, messages=follow_up, tools=[weather], max_tokens=8)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
 def test_echo_with_logprobs_scores_a_text_as_generation_would(api: openai.OpenAI) -> None:
     """The evaluation harnesses' loglikelihood call (echo, logprobs 1, max_tokens 1): the echoed prompt's
     last token scores what the model gave it when it generated that token after the same context."""

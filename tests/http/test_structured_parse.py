@@ -78,10 +78,14 @@ def test_bad_shapes_are_refused_naming_the_field(fields: dict, param: str) -> No
     assert info.value.status == 400 and info.value.param is not None and param in info.value.param
 
 
-def test_tools_are_still_refused_and_structured_output_conflicts_are_caught() -> None:
-    with pytest.raises(APIError) as tools:
-        _chat(tools=[{"type": "function", "function": {"name": "f"}}])
-    assert tools.value.param == "tools"
+def test_structured_output_conflicts_are_caught() -> None:
+    with pytest.raises(APIError) as both:
+        _chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice="required",
+            response_format={"type": "json_object"},
+        )
+    assert both.value.param == "tool_choice"
     params = parse_chat(
         {"messages": CHAT, "min_tokens": 2, "response_format": {"type": "json_object"}}
     ).params
