@@ -122,16 +122,17 @@ class _Api:
         )
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        """vLLM's /tokenize: {"prompt": text} as /v1/completions tokenizes it, or {"messages": [...]} as
-        /v1/chat/completions renders and tokenizes them (assistant turn opened)."""
+        """vLLM's /tokenize: {"prompt": text} as /v1/completions tokenizes it, or {"messages": [...]}
+        (and "tools") as /v1/chat/completions renders and tokenizes them (assistant turn opened)."""
         body = await _json_body(request, decode_plain_body)
         if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body):
             raise bad_request("Send an object with either 'prompt' (a string) or 'messages'.")
         if body.get("model") not in (None, self.model_name):
             raise model_not_found(str(body["model"]))
         if "messages" in body:
-            messages = list(parse_chat({"messages": body["messages"]}).messages)
-            token_ids = await self._off_loop(self.tokenizer.encode_chat, messages)
+            chat = parse_chat({"messages": body["messages"], "tools": body.get("tools")})
+            tools = chat.tools.tools if chat.tools is not None else None
+            token_ids = await self._off_loop(self.tokenizer.encode_chat, list(chat.messages), tools)
         elif isinstance(body["prompt"], str) and body["prompt"]:
             token_ids = await self._off_loop(self.tokenizer.encode, body["prompt"])
         else:

@@ -318,7 +318,15 @@ async def test_tokenize_and_detokenize_match_what_generation_uses(
     assert tokens == daemon.submitted[-1].token_ids  # exactly the prompt a chat request sends
     r = await client.post("/detokenize", json={"tokens": tokens})
     assert (await r.json()) == {"prompt": "<user>yo\n<assistant>"}
-    assert len(daemon.submitted) == 1  # tokenizing submits nothing
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    r = await client.post("/tokenize", json={"messages": messages, "tools": tools})
+    await client.post("/v1/chat/completions", json={"messages": messages, "tools": tools, "max_tokens": 1})
+    assert (
+        (await r.json())["tokens"]
+        == daemon.submitted[-1].token_ids
+        == list(b"<tools>f\n<user>yo\n<assistant>")
+    )
+    assert len(daemon.submitted) == 2  # tokenizing submits nothing
 
 
 @pytest.mark.parametrize(
