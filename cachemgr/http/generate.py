@@ -28,7 +28,7 @@ from cachemgr.http.shapes import (
     usage,
 )
 from cachemgr.http.text import Detokenizer, TextAssembler
-from cachemgr.http.tools import CALL_STARTS, ToolUse
+from cachemgr.http.tools import CALL_STARTS, CALL_TAG, ToolUse
 from shared.protocol import FinishReason, SamplingParams
 
 DISCONNECT_POLL_S = 0.2
@@ -152,44 +152,75 @@ async def _pieces(
 
 
 async def _tool_call_pieces(source: AsyncIterator[_Piece], tools: ToolUse) -> AsyncIterator[_Piece]:
-    """The pieces of a chat choice whose answer may be tool calls. tool_choice "auto": the text streams
-    as it comes until its first non-blank character; if that could start a call ({, [ or <) the rest is
-    held to the end and read for calls, else it streams on. "required" / a named function: the whole
-    answer is held (it is the calls). A held answer leaves as one piece: the text before the calls, and
-    the calls, finish reason "tool_calls" (a named function keeps the model's: OpenAI's "stop")."""
-    held: list[_Piece] = []
+    """The pieces of a chat choice whose answer may be tool calls. tool_choice "auto": text streams as it
+    comes, except from where a call may begin (a first non-blank character {, [ or <, or a <tool_call>
+    tag later on, a partial tag held back until it is decided): from there the rest is held to the end
+    and read for calls. "required" / a named function: the whole answer is held (it is the calls). The
+    held part leaves as one last piece with the calls, finish reason "tool_calls" (a named function keeps
+    the model's: OpenAI's "stop"), or as text when it holds none."""
+    held: list[_Piece] = []  # pieces (or a text tail) not sent yet
     holding = tools.choice != "auto"
-    undecided = not holding
+    started = False  # "auto": a non-blank character has been sent
     async for piece in source:
-        if undecided:
-            held.append(piece)
-            text = "".join(p.text for p in held).lstrip()
-            if not text and piece.finish_reason is None:
+        held.append(piece)
+        if not holding:
+            text = "".join(p.text for p in held)
+            start = _call_start(text, started)
+            done = piece.finish_reason is not None
+            cut = (
+                len(text)
+                if start is None and done
+                else start
+                if start is not None
+                else _sendable(text, started)
+            )
+            if cut or (done and start is None):
+                ids = [t for p in held for t in p.token_ids]
+                entries = tuple(e for p in held for e in p.logprobs)
+                finished = done and cut == len(text)
+                yield _Piece(text[:cut], piece.finish_reason if finished else None, ids, entries)
+                if finished:
+                    return
+                started = True
+                held = [_Piece(text[cut:], None)]
+            holding = start is not None
+            if not holding or not done:
                 continue
-            undecided = False
-            holding = text.startswith(CALL_STARTS)
-            if not holding:
-                for p in held:
-                    yield p
-                held = []
-                continue
-        elif holding:
-            held.append(piece)
-        else:
-            yield piece
-            continue
         if piece.finish_reason is None:
             continue
-        content, calls = tools.calls_in("".join(p.text for p in held))
+        text = "".join(p.text for p in held)
+        content, calls = tools.calls_in(text)
         reason = piece.finish_reason if not calls or tools.choice == "function" else "tool_calls"
         yield _Piece(
-            content or "" if calls else "".join(p.text for p in held),
+            (content or "") if calls else text,
             reason,
             [t for p in held for t in p.token_ids],
             tuple(e for p in held for e in p.logprobs),
             tuple(calls),
         )
         return
+
+
+def _call_start(text: str, started: bool) -> int | None:
+    """Where in the unsent text a tool call may begin: its first non-blank character when nothing was
+    sent yet and that is {, [ or <; else a <tool_call> tag; None when neither."""
+    if not started:
+        stripped = text.lstrip()
+        if stripped.startswith(CALL_STARTS):
+            return len(text) - len(stripped)
+    found = text.find(CALL_TAG)
+    return found if found >= 0 else None
+
+
+def _sendable(text: str, started: bool) -> int:
+    """How much of the unsent text (with no call in it) can go now: none while it is blank at the start,
+    else all but a tail that could begin a <tool_call> tag."""
+    if not started and not text.strip():
+        return 0
+    tail = next(
+        (k for k in range(min(len(CALL_TAG) - 1, len(text)), 0, -1) if text.endswith(CALL_TAG[:k])), 0
+    )
+    return len(text) - tail
 
 
 async def respond(

@@ -32,6 +32,7 @@ from shared.protocol import StructuredOutput
 
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CALL_TAG = "<tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
 CALL_STARTS = ("{", "[", "<")  # an "auto" answer starting with one of these may be a call: held back
@@ -154,7 +155,7 @@ def _parse(text: str, names: set[str]) -> tuple[str, list[tuple[str, str]]] | No
     if blocks:
         calls = [_call(_loads(block), names) for block in blocks]
         if calls and all(c is not None for c in calls):
-            return text[: text.index("<tool_call>")], calls  # type: ignore[return-value]
+            return text[: text.index(CALL_TAG)], calls  # type: ignore[return-value]
         return None
     body = text.strip()
     if body.startswith(_PYTHON_TAG):

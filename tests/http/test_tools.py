@@ -195,3 +195,36 @@ async def test_forced_calls_are_constrained(client: TestClient, daemon: Scripted
     (call,) = reply["choices"][0]["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert reply["choices"][0]["finish_reason"] == "stop"  # as OpenAI answers a forced function
+
+
+async def test_text_then_a_call_streams_the_text_and_holds_the_call(
+    client: TestClient, daemon: ScriptedDaemon
+) -> None:
+    """Hermes-style: words, then a <tool_call> block; the 3-byte frames split the tag, whose partial
+    start is held back until it is decided."""
+    daemon.output = list(b'Let me check. <tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    body = {"messages": CHAT, "tools": [WEATHER, TIME], "stream": True}
+    events = sse_events(await (await client.post("/v1/chat/completions", json=body)).text())
+    deltas = [c["choices"][0]["delta"] for c in events[1:-1]]
+    text = "".join(d.get("content") or "" for d in deltas)
+    assert text == "Let me check. " and "<" not in text
+    (call,) = next(d["tool_calls"] for d in deltas if "tool_calls" in d)
+    assert call["function"] == {"name": "get_time", "arguments": "{}"}
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    reply = await (await client.post("/v1/chat/completions", json={**body, "stream": False})).json()
+    message = reply["choices"][0]["message"]
+    assert (
+        message["content"] == "Let me check. " and message["tool_calls"][0]["function"]["name"] == "get_time"
+    )
+
+    daemon.output = list(b"<b>Sunny</b> today; a <tool_ca... no, just text.")
+    for stream in (True, False):
+        reply = await client.post("/v1/chat/completions", json={**body, "stream": stream})
+        if stream:
+            chunks = sse_events(await reply.text())[1:-1]
+            content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            reason = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            choice = (await reply.json())["choices"][0]
+            content, reason = choice["message"]["content"], choice["finish_reason"]
+        assert (content, reason) == ("<b>Sunny</b> today; a <tool_ca... no, just text.", "stop")
