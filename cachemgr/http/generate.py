@@ -163,42 +163,41 @@ async def _tool_call_pieces(source: AsyncIterator[_Piece], tools: ToolUse) -> As
     started = False  # "auto": a non-blank character has been sent
     async for piece in source:
         held.append(piece)
+        done = piece.finish_reason is not None
         if not holding:
             text = "".join(p.text for p in held)
             start = _call_start(text, started)
-            done = piece.finish_reason is not None
-            cut = (
-                len(text)
-                if start is None and done
-                else start
-                if start is not None
-                else _sendable(text, started)
-            )
-            if cut or (done and start is None):
-                ids = [t for p in held for t in p.token_ids]
-                entries = tuple(e for p in held for e in p.logprobs)
-                finished = done and cut == len(text)
-                yield _Piece(text[:cut], piece.finish_reason if finished else None, ids, entries)
-                if finished:
-                    return
-                started = True
-                held = [_Piece(text[cut:], None)]
-            holding = start is not None
-            if not holding or not done:
+            if start is None:  # no call in sight: send what cannot begin one
+                cut = len(text) if done else _sendable(text, started)
+                if cut or done:
+                    yield _merged_piece(held, text[:cut], piece.finish_reason)
+                    if done:
+                        return
+                    started = True
+                    held = [_Piece(text[cut:], None)]
                 continue
-        if piece.finish_reason is None:
+            if text[:start].strip():  # words before the call go now; the call is held
+                yield _merged_piece(held, text[:start], None)
+                held = [_Piece(text[start:], None)]
+            holding = True
+        if not done:
             continue
         text = "".join(p.text for p in held)
         content, calls = tools.calls_in(text)
         reason = piece.finish_reason if not calls or tools.choice == "function" else "tool_calls"
-        yield _Piece(
-            (content or "") if calls else text,
-            reason,
-            [t for p in held for t in p.token_ids],
-            tuple(e for p in held for e in p.logprobs),
-            tuple(calls),
-        )
+        yield _merged_piece(held, (content or "") if calls else text, reason, tuple(calls))
         return
+
+
+def _merged_piece(
+    pieces: Sequence[_Piece],
+    text: str,
+    finish_reason: str | None,
+    tool_calls: tuple[dict[str, Any], ...] = (),
+) -> _Piece:
+    """One piece of `text` (and `tool_calls`) carrying the tokens and logprobs of `pieces`."""
+    ids = [t for p in pieces for t in p.token_ids]
+    return _Piece(text, finish_reason, ids, tuple(e for p in pieces for e in p.logprobs), tool_calls)
 
 
 def _call_start(text: str, started: bool) -> int | None:

@@ -228,3 +228,15 @@ async def test_text_then_a_call_streams_the_text_and_holds_the_call(
             choice = (await reply.json())["choices"][0]
             content, reason = choice["message"]["content"], choice["finish_reason"]
         assert (content, reason) == ("<b>Sunny</b> today; a <tool_ca... no, just text.", "stop")
+
+
+async def test_blank_lines_before_a_call_are_not_content(client: TestClient, daemon: ScriptedDaemon) -> None:
+    daemon.output = list(b'\n\n {"name": "get_time", "arguments": {}}')
+    body = {"messages": CHAT, "tools": [TIME]}
+    reply = await (await client.post("/v1/chat/completions", json=body)).json()
+    assert reply["choices"][0]["message"]["content"] is None
+    events = sse_events(
+        await (await client.post("/v1/chat/completions", json={**body, "stream": True})).text()
+    )
+    assert not any(c["choices"][0]["delta"].get("content") for c in events[1:-1])
+    assert [c["choices"][0]["finish_reason"] for c in events[1:-1]][-1] == "tool_calls"
