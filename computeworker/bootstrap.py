@@ -16,7 +16,8 @@ from computeworker.config import WorkerConfig
 from computeworker.engine.fences import StepStats
 from computeworker.engine.structured import StructuredDecoding
 from computeworker.model.batch import AttentionBackend
-from computeworker.runtime import ModelInfo, WorkerRuntime
+from computeworker.model_info import ModelInfo
+from computeworker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import zmq.asyncio
@@ -31,7 +30,9 @@ from computeworker.engine.engine import Engine, EngineConfig, PagedModel
 from computeworker.engine.fences import Fence, StepStats
 from computeworker.engine.stop import DetokenizerSource
 from computeworker.engine.structured import StructuredDecoding
+from computeworker.grammar_compiles import GrammarCompiles
 from computeworker.model.batch import AttentionBackend
+from computeworker.model_info import ModelInfo
 from shared.pool import MappedPool, map_pool
 from shared.process_identity import pid_namespace_id
 from shared.protocol import (
@@ -54,19 +55,6 @@ from shared.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """What the runtime needs to know about the loaded model."""
-
-    name: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    context_len: int
-    eos_token_ids: tuple[int, ...]
-    dtype: str  # the KV dtype the model computes in; the pool must match
 
 
 class SessionEnded(Exception):
@@ -108,6 +96,7 @@ class WorkerRuntime:
         self._make_fence = make_fence
         self._on_step = on_step
         self._structured = structured
+        self._compiles = GrammarCompiles(structured)  # this session's Dispatches held while compiling
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self._inflight: concurrent.futures.Future[int] | None = None
         self._step_stats: list[StepStats] = []  # appended on the compute thread, drained on the loop
@@ -198,7 +187,7 @@ class WorkerRuntime:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._wait_compute()
-            dropped = engine.reset()
+            dropped = engine.reset() + self._compiles.clear()
             if dropped:
                 log.warning("dropped %d requests with the session", dropped)
         if self._stop.is_set() and not self._shutdown_by_daemon and not link.disconnected.is_set():
@@ -305,9 +294,10 @@ class WorkerRuntime:
         sending them while it runs was measured slower (run 16: the loop's sends and the step's batch
         build contend for the GIL, and decode steps took 1.5-3.4 ms to build instead of 1.5)."""
         while True:
+            await self._add_compiled(link, engine, wakeup)
             pending, inbox[:] = list(inbox), []
             for msg in pending:
-                await self._apply(link, engine, msg)
+                await self._apply(link, engine, msg, wakeup)
             for out in engine.take_messages():
                 await link.send(out)
             if engine.has_work():
@@ -355,17 +345,16 @@ class WorkerRuntime:
                     (sent - returned) * 1e3,
                 )
 
-    async def _apply(self, link: DaemonLink, engine: Engine, msg: DaemonToWorker) -> None:
+    async def _apply(
+        self, link: DaemonLink, engine: Engine, msg: DaemonToWorker, wakeup: asyncio.Event
+    ) -> None:
         try:
             if isinstance(msg, Dispatch):
-                structured = msg.sampling.structured
-                if structured is not None and self._structured is not None:
-                    # Compile off the loop (heartbeats go on); engine.add then finds it compiled.
-                    loop = asyncio.get_running_loop()
-                    await loop.run_in_executor(None, self._structured.compiled, structured)
-                engine.add(msg)
+                if not self._compiles.hold(msg, wakeup):  # held while its grammar compiles
+                    engine.add(msg)
             elif isinstance(msg, Abort):
-                engine.abort(msg.request_id)
+                if not self._compiles.drop(msg.request_id):
+                    engine.abort(msg.request_id)
             elif isinstance(msg, CommitAck):
                 engine.on_commit_ack(msg)
             elif isinstance(msg, PagesGranted):
@@ -377,6 +366,16 @@ class WorkerRuntime:
             log.error("rejected %s for %s: %s", type(msg).__name__, request_id.hex(), exc)
             if isinstance(msg, Dispatch):
                 await link.send(WorkerError(ErrorCode.BAD_PAGES, str(exc), request_id))
+
+    async def _add_compiled(self, link: DaemonLink, engine: Engine, wakeup: asyncio.Event) -> None:
+        """Hand the engine the held Dispatches whose grammar is compiled; refuse those that did not
+        compile."""
+        for msg, error in self._compiles.ready():
+            if error is None:
+                await self._apply(link, engine, msg, wakeup)
+            else:
+                log.error("rejected Dispatch for %s: %s", msg.request_id.hex(), error)
+                await link.send(WorkerError(ErrorCode.BAD_PAGES, str(error), msg.request_id))
 
     async def _wait_compute(self) -> None:
         """Let a step that is still running finish: the pool must outlive it."""

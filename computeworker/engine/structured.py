@@ -74,7 +74,8 @@ class StructuredDecoding:
         self._compiler: Any = None
         self._compiled: dict[tuple[str, str], Any] = {}  # (kind, spec) -> CompiledGrammar, LRU order
         self._bitmask: torch.Tensor | None = None  # see _host_bitmask
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the compiled cache (held for dict operations only)
+        self._compiler_lock = threading.Lock()  # building the compiler: seconds, never with _lock
 
     @classmethod
     def for_tokenizer(
@@ -107,7 +108,7 @@ class StructuredDecoding:
 
     def compiled(self, structured: StructuredOutput) -> Any:
         """`structured` compiled for this vocabulary (the last MAX_COMPILED are kept). The first call
-        loads the grammar engine (~2 s): the worker runtime makes it off its event loop. ValueError if
+        loads the grammar engine (~2 s): the worker runtime calls it on a thread (GrammarCompiles). ValueError if
         the spec does not compile or the grammar engine fails (the request is refused, not the worker)."""
         key = (structured.kind, structured.spec)
         with self._lock:
@@ -130,6 +131,11 @@ class StructuredDecoding:
             while len(self._compiled) > MAX_COMPILED:
                 self._compiled.pop(next(iter(self._compiled)))
         return compiled
+
+    def is_compiled(self, structured: StructuredOutput) -> bool:
+        """Whether `compiled` would answer from its cache (no compiling, no grammar engine load)."""
+        with self._lock:
+            return (structured.kind, structured.spec) in self._compiled
 
     def start(self, structured: StructuredOutput, replay: np.ndarray | Sequence[int] = ()) -> GrammarState:
         """A fresh matcher for `structured` that has accepted `replay` (tokens an earlier attempt
@@ -213,7 +219,7 @@ class StructuredDecoding:
         return buf[:num_rows]
 
     def _compiler_once(self) -> Any:
-        with self._lock:
+        with self._compiler_lock:
             if self._compiler is None:
                 start = time.perf_counter()
                 info = self._make_tokenizer_info()

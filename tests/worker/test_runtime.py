@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,12 +15,16 @@ import zmq
 import zmq.asyncio
 
 from computeworker.config import WorkerConfig
-from computeworker.runtime import ModelInfo, WorkerRuntime
+from computeworker.engine.structured import StructuredDecoding
+from computeworker.model_info import ModelInfo
+from computeworker.runtime import WorkerRuntime
+from shared.grammar import xgrammar
 from shared.ids import bytes_to_ids, ids_to_bytes
 from shared.kv_layout import KVLayout
 from shared.pool import OwnedPool, create_pool
 from shared.protocol import (
     PROTOCOL_VERSION,
+    Abort,
     Codec,
     Dispatch,
     Finished,
@@ -29,7 +34,9 @@ from shared.protocol import (
     Register,
     SamplingParams,
     Shutdown,
+    StructuredOutput,
     Welcome,
+    WorkerError,
     WorkerToDaemon,
 )
 
@@ -128,6 +135,64 @@ async def test_register_stream_reconnect_after_daemon_restart_and_shutdown(ctx: 
 
         await daemon.send(Shutdown("bye"))
         assert await asyncio.wait_for(task, 10) == 0
+    finally:
+        runtime.request_stop()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        daemon.close()
+
+
+async def test_requests_keep_stepping_while_a_grammar_compiles(ctx: zmq.asyncio.Context) -> None:
+    """The first structured request loads the grammar engine (here a slow 1 s): its Dispatch is held
+    while that runs on a thread, a free request dispatched after it streams and finishes meanwhile, an
+    Abort drops a held Dispatch, and a spec that does not compile is refused with a WorkerError."""
+    letters = [chr(ord("a") + i % 26) for i in range(63)] + ["</s>"]
+
+    def slow_engine_load() -> object:
+        time.sleep(1.0)
+        return xgrammar().TokenizerInfo(letters, vocab_size=64, stop_token_ids=[63])
+
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='wrt')}/w.sock"
+    structured = StructuredDecoding(slow_engine_load, 64, [63])
+    runtime = WorkerRuntime(
+        WorkerConfig(endpoint, welcome_timeout_s=0.3, max_running=4),
+        CountingModel(),  # type: ignore[arg-type]
+        lambda page_size: object(),  # type: ignore[arg-type]
+        LetterTokenizer(),  # type: ignore[arg-type]
+        INFO,
+        structured=structured,
+    )
+    daemon = ScriptedDaemon(ctx, endpoint, generation=1)
+    task = asyncio.ensure_future(runtime.run())
+
+    def dispatch(rid: bytes, pages: list[int], spec: StructuredOutput | None) -> Dispatch:
+        sampling = SamplingParams(temperature=0.0, max_tokens=8, structured=spec)
+        return Dispatch(rid, ids_to_bytes([0]), 0, b"", ids_to_bytes(pages), sampling)
+
+    try:
+        await daemon.welcome()
+        regex = StructuredOutput("regex", "b[cd]{3}z")
+        await daemon.send(dispatch(b"a" * 16, [1, 2, 3], regex))
+        await daemon.send(Abort(b"a" * 16))  # dropped while held
+        await daemon.send(dispatch(b"s" * 16, [4, 5, 6], regex))
+        await daemon.send(dispatch(b"f" * 16, [7, 8, 9], None))
+        await daemon.send(dispatch(b"x" * 16, [10, 11, 12], StructuredOutput("regex", "(b")))
+        order: list[tuple[bytes, str]] = []
+        outputs: dict[bytes, list[int]] = {}
+        while len([kind for _, kind in order if kind in ("finished", "error")]) < 3:
+            msg = await daemon.recv()
+            if isinstance(msg, Generated):
+                outputs.setdefault(msg.request_id, []).extend(bytes_to_ids(msg.tokens).tolist())
+                order.append((msg.request_id, "generated"))
+            elif isinstance(msg, Finished):
+                order.append((msg.request_id, "finished"))
+            elif isinstance(msg, WorkerError):
+                assert "invalid regex" in msg.message
+                order.append((msg.request_id, "error"))
+        assert (b"f" * 16, "finished") in order and order.index((b"f" * 16, "finished")) < order.index(
+            (b"s" * 16, "generated")
+        )  # the free request did not wait for the grammar engine
+        assert outputs[b"f" * 16] == list(range(1, 9)) and outputs[b"s" * 16] == [1, 2, 3, 2, 25]
+        assert b"a" * 16 not in outputs and (b"x" * 16, "error") in order
     finally:
         runtime.request_stop()
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
