@@ -42,8 +42,8 @@ def choose_tokens(
         histories = [row_history(req, eos_token_ids, vocab, device) for req in reqs]
         processed = processed_logits(logits, [row.params for row in rows], histories)
     stuck: frozenset[bytes] = frozenset()
-    grammars = [req.grammar for req in reqs]
-    if structured is not None and any(g is not None for g in grammars):
+    if structured is not None and any(req.grammar is not None for req in reqs):
+        grammars = [req.grammar for req in reqs]
         processed, stuck_rows = structured.mask(processed, grammars, owned=processed is not logits)
         stuck = frozenset(reqs[j].request_id for j in stuck_rows)
     tokens = sample_batch(processed, rows)
