@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +26,9 @@ from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.llama import LlamaModel
 from computeworker.model.llama_cuda import LlamaCudaForward
 from shared.model_spec import ModelSpec, spec_from_hf_config
+
+if TYPE_CHECKING:
+    from computeworker.model.cuda_runner import CudaModelRunner
 
 PAGE = 16
 LLAMA3_8B_CONFIG: dict[str, Any] = {
@@ -64,6 +68,36 @@ def random_model(spec: ModelSpec, seed: int = 0) -> LlamaModel:
             fill(f"model.layers.{i}.{suffix}", (end - start, *param.shape[1:]))
     model.finish_loading()
     return model
+
+
+@dataclass(frozen=True, slots=True)
+class BoundRunner:
+    """A random-weight Llama-3-8B-shape model behind the CUDA worker's runner, bound to a pool of its own."""
+
+    spec: ModelSpec
+    runner: CudaModelRunner
+    pool: torch.Tensor
+    attention: FlashInferAttention
+    bind_s: float  # warming kernels and capturing graphs
+
+
+def bound_runner(num_pages: int, max_graph_batch: int) -> BoundRunner:
+    """The model as a CUDA worker serves it (CudaModelRunner with its defaults, graphs up to
+    max_graph_batch), over a bf16 pool of num_pages pages."""
+    from computeworker.model.cuda_runner import CudaModelRunner
+
+    spec = spec_from_hf_config(LLAMA3_8B_CONFIG, name="llama3-8b-shape")
+    model = random_model(spec)
+    pool = torch.zeros(
+        (spec.num_layers, num_pages, 2, PAGE, spec.num_kv_heads, spec.head_dim),
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
+    attention = FlashInferAttention(
+        AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE), device="cuda"
+    )
+    runner = CudaModelRunner(model, max_graph_batch=max_graph_batch)
+    return BoundRunner(spec, runner, pool, attention, runner.bind(pool, attention))
 
 
 def model_flops(spec: ModelSpec, q_len: int, kv_len: int, num_logits: int = 1) -> float:

@@ -34,15 +34,14 @@ from typing import Any
 
 import torch
 
-from bench.gpu_model_bench import LLAMA3_8B_CONFIG, PAGE, random_model
+from bench.gpu_model_bench import PAGE, bound_runner
 from bench.gpu_timing import run_metadata
 from computeworker.engine.engine import Engine, EngineConfig
 from computeworker.engine.fences import StepStats, cuda_fence_factory
-from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
+from computeworker.model.attention_flashinfer import FlashInferAttention
 from computeworker.model.cuda_runner import CudaModelRunner
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from shared.ids import ids_to_bytes
-from shared.model_spec import spec_from_hf_config
 from shared.protocol import Dispatch, SamplingParams
 
 PREFIX, NEW = 10_000, 100
@@ -218,21 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
 
-    spec = spec_from_hf_config(LLAMA3_8B_CONFIG, name="llama3-8b-shape")
-    model = random_model(spec)
-    num_pages = -(-(PREFIX + NEW) // PAGE) + 64
-    pool = torch.zeros(
-        (spec.num_layers, num_pages, 2, PAGE, spec.num_kv_heads, spec.head_dim),
-        dtype=torch.bfloat16,
-        device="cuda",
-    )
-    attention = FlashInferAttention(
-        AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE), device="cuda"
-    )
-    runner = CudaModelRunner(model, max_graph_batch=args.max_graph_batch)
-    bind_s = runner.bind(pool, attention)
-
-    results: dict[str, Any] = {"meta": run_metadata(), "bind_s": round(bind_s, 1), "reps": args.reps}
+    bound = bound_runner(-(-(PREFIX + NEW) // PAGE) + 64, args.max_graph_batch)
+    spec, runner, pool, attention = bound.spec, bound.runner, bound.pool, bound.attention
+    results: dict[str, Any] = {"meta": run_metadata(), "bind_s": round(bound.bind_s, 1), "reps": args.reps}
     way = EngineWay(runner, pool, attention, spec.max_position_embeddings)
     runs: list[tuple[str, Callable[[], dict]]] = [
         ("bench", lambda: bench_way(runner, pool, attention, args.reps)),

@@ -86,26 +86,12 @@ def load_tokenizer_file(path: Path) -> Any:
 
 
 def cuda_setup(tokenizer_path: Path | None, max_batch: int) -> Setup:
-    from bench.gpu_model_bench import LLAMA3_8B_CONFIG, random_model
+    from bench.gpu_model_bench import bound_runner
     from bench.gpu_timing import run_metadata
-    from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
-    from computeworker.model.cuda_runner import CudaModelRunner
-    from shared.model_spec import spec_from_hf_config
 
     backend = load_tokenizer_file(tokenizer_path) if tokenizer_path else _default_tokenizer().backend
-    spec = spec_from_hf_config(LLAMA3_8B_CONFIG, name="llama3-8b-shape")
-    model = random_model(spec)
-    pages = max_batch * -(-(PROMPT + 256) // PAGE) + 16
-    pool = torch.zeros(
-        (spec.num_layers, pages, 2, PAGE, spec.num_kv_heads, spec.head_dim),
-        dtype=torch.bfloat16,
-        device="cuda",
-    )
-    attention = FlashInferAttention(
-        AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE), device="cuda"
-    )
-    runner = CudaModelRunner(model, max_graph_batch=max_batch)
-    runner.bind(pool, attention)
+    bound = bound_runner(max_batch * -(-(PROMPT + 256) // PAGE) + 16, max_batch)
+    spec, runner, pool, attention = bound.spec, bound.runner, bound.pool, bound.attention
     eos = (backend.token_to_id("<|endoftext|>") or 0,)
     return Setup(
         runner,

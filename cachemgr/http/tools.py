@@ -119,7 +119,8 @@ def parse_tools(body: dict[str, Any]) -> ToolUse | None:
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
         raise bad_request(
-            "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+            "tool_choice must be 'none', 'auto', 'required' or "
+            "{'type': 'function', 'function': {'name': ...}}",
             param="tool_choice",
         )
     if name not in names:

@@ -108,8 +108,9 @@ class StructuredDecoding:
 
     def compiled(self, structured: StructuredOutput) -> Any:
         """`structured` compiled for this vocabulary (the last MAX_COMPILED are kept). The first call
-        loads the grammar engine (~2 s): the worker runtime calls it on a thread (GrammarCompiles). ValueError if
-        the spec does not compile or the grammar engine fails (the request is refused, not the worker)."""
+        loads the grammar engine (~2 s): the worker runtime calls it on a thread (GrammarCompiles).
+        ValueError if the spec does not compile or the grammar engine fails (the request is refused, not
+        the worker)."""
         key = (structured.kind, structured.spec)
         with self._lock:
             found = self._compiled.pop(key, None)
@@ -121,7 +122,8 @@ class StructuredDecoding:
             compiled = self._compiler_once().compile_grammar(grammar_of(structured))
         except ValueError:
             raise
-        except Exception as exc:  # the grammar engine failed (not installed, a C++ check): refuse the request
+        except Exception as exc:  # the grammar engine failed (not installed, a C++ check): refuse the
+            # request, not the worker
             raise ValueError(f"structured output unavailable: {error_text(exc)}") from exc
         seconds = time.perf_counter() - start
         if seconds > 0.05:
