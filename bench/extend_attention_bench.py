@@ -8,10 +8,12 @@ layer calls are captured in one CUDA graph; the figure is the replay's median (d
 
     fa2          FlashInfer's fa2 paged prefill (mma.sync, splits long KV itself, plus its merge kernel)
     fa3          FlashInfer's fa3 paged prefill (wgmma, one CTA per query tile and head, no KV split)
+    fa3-split    fa3 over prefix chunks plus the causal tail, merged by log-sum-exp
+                 (computeworker.model.split_extend; as many chunks as the extend graphs would use; the
+                 q copies are written once before the capture, as RoPE writes them in the model)
 
-The extend graphs' "auto" backend takes fa2 for the 128-token bucket and fa3 above it from these
-figures. (Commit 33a8289 also measured fa3 over prefix chunks merged by log-sum-exp, `fa3-split-C`,
-and commit 260cb31 a Triton split-KV kernel, `triton:T,N,S,W,P`; both removed after their runs.)
+The extend graphs' "auto" backend picks from these figures. (Commit 260cb31 measured a Triton split-KV
+kernel, `triton:T,N,S,W,P`, removed after its run.)
 
 Also per variant: the host time of plan(), whether a plan for other lengths keeps the capture's launch
 record (the graphs need it), a cProfile of plan() (first case), and the error of the last layer's
@@ -34,7 +36,9 @@ import torch
 
 from bench.gpu_timing import run_metadata, time_ms
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention, qo_indptr_of
-from computeworker.model.extend_graphs import graph_prefill_wrapper, plan_launch_key
+from computeworker.model.extend_graphs import MAX_SPLIT_CHUNKS, graph_prefill_wrapper, plan_launch_key
+from computeworker.model.split_extend import SplitExtendAttention
+from computeworker.model.split_plan import split_chunks_for
 
 SHAPE = AttentionShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
 NUM_LAYERS = 32
@@ -66,8 +70,35 @@ class GraphModePrefill:
     def plan(self, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor) -> None:
         self.attention.plan_prefill(self.wrapper, qo_indptr_of(q_lens), kv_lens, page_ids)
 
+    def prepare(self, q: torch.Tensor) -> None:
+        return None
+
     def run(self, q: torch.Tensor, kv_layer: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
         return self.wrapper.run(q, kv_layer, out=out)
+
+
+class GraphModeSplit:
+    """fa3 over prefix chunks (SplitExtendAttention), chunk count as the extend graphs choose it."""
+
+    def __init__(self, attention: FlashInferAttention, bs: int, rows: int, max_pages: int) -> None:
+        num_sms = torch.cuda.get_device_properties(attention.device).multi_processor_count
+        chunks = split_chunks_for(bs, rows, SHAPE.num_qo_heads, num_sms, MAX_SPLIT_CHUNKS)
+        self.split = SplitExtendAttention(
+            attention, batch_size=bs, num_rows=rows, num_chunks=chunks, max_pages=max_pages
+        )
+
+    @property
+    def launch_key(self) -> tuple[int, ...]:
+        return self.split.launch_key
+
+    def plan(self, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor) -> None:
+        self.split.plan(q_lens, kv_lens, page_ids)
+
+    def prepare(self, q: torch.Tensor) -> None:
+        self.split.q_copies.copy_(q.unsqueeze(0).expand_as(self.split.q_copies))
+
+    def run(self, q: torch.Tensor, kv_layer: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+        return self.split.attend(kv_layer, out)
 
 
 def reference(
@@ -114,7 +145,12 @@ def run_case(
     result: dict[str, Any] = {"q_lens": q_lens, "kv_lens": kv_lens, "rows": rows}
     max_pages_per_seq = seq_pages + 4
     for variant in variants:
-        impl = GraphModePrefill(attention, variant, bs, bs * max_pages_per_seq)
+        impl: GraphModePrefill | GraphModeSplit
+        if variant == "fa3-split":
+            impl = GraphModeSplit(attention, bs, rows, bs * max_pages_per_seq)
+        else:
+            impl = GraphModePrefill(attention, variant, bs, bs * max_pages_per_seq)
+        impl.prepare(q)
         out = torch.zeros((rows, s.num_qo_heads, s.head_dim), dtype=torch.bfloat16, device="cuda")
         # As the extend graphs do: plan the capture layout (all rows in sequence 0, no prefix), run once
         # eagerly, capture, then plan the real step (the launch record must match) and replay.
@@ -171,7 +207,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument("--variants", nargs="*", default=["fa2", "fa3"], choices=["fa2", "fa3"])
+    parser.add_argument(
+        "--variants", nargs="*", default=["fa2", "fa3", "fa3-split"], choices=["fa2", "fa3", "fa3-split"]
+    )
     args = parser.parse_args()
     attention = FlashInferAttention(SHAPE, device="cuda", prefill_backend="fa2")
     report: dict[str, Any] = {"meta": run_metadata(), "cases": {}}

@@ -27,6 +27,8 @@ from computeworker.model.llama import LlamaModel
 from computeworker.model.llama_cuda import LlamaCudaForward
 from shared.model_spec import ModelSpec, spec_from_hf_config
 
+GRAPH_BACKENDS = (DEFAULT_BACKEND, "fa2")  # the cached step through graphs of each, alternating
+
 if TYPE_CHECKING:
     from computeworker.model.cuda_runner import CudaModelRunner
 
@@ -190,7 +192,10 @@ def host_costs_us(spec: ModelSpec, runner: Runner, q_len: int = 100) -> dict[str
 
 
 def model_figures(
-    matmul_ceiling_tflops: float, copy_ceiling_tbps: float, paths: tuple[str, ...] = ("model", "torch_path")
+    matmul_ceiling_tflops: float,
+    copy_ceiling_tbps: float,
+    paths: tuple[str, ...] = ("model", "torch_path"),
+    blas_variant: bool = False,
 ) -> dict[str, Any]:
     """Both forward paths on one model: `model` (LlamaCudaForward, fused kernels) and `torch_path`
     (LlamaModel.forward as wired, the torch ops)."""
@@ -200,13 +205,18 @@ def model_figures(
     for key, fused in (("model", True), ("torch_path", False)):
         if key not in paths:
             continue
-        result[key] = path_figures(spec, model, fused, matmul_ceiling_tflops, copy_ceiling_tbps)
+        result[key] = path_figures(spec, model, fused, matmul_ceiling_tflops, copy_ceiling_tbps, blas_variant)
         print(json.dumps({key: result[key]}), file=sys.stderr, flush=True)
     return result
 
 
 def path_figures(
-    spec: ModelSpec, model: LlamaModel, fused: bool, matmul_ceiling_tflops: float, copy_ceiling_tbps: float
+    spec: ModelSpec,
+    model: LlamaModel,
+    fused: bool,
+    matmul_ceiling_tflops: float,
+    copy_ceiling_tbps: float,
+    blas_variant: bool = False,
 ) -> dict[str, Any]:
     runner = Runner(spec, model, max_tokens=10_100 + PAGE, fused=fused)
     gen = torch.Generator().manual_seed(0)
@@ -220,7 +230,7 @@ def path_figures(
     cached_ms = runner.time_forward(tokens[10_000:], 10_000, reps=20)
     cached_issue_ms = host_issue_ms(lambda: runner.forward(tokens[10_000:], 10_000))
     host_costs = host_costs_us(spec, runner)
-    graphed = graphed_cached_ms(model, runner, tokens) if fused else None
+    graphed = graphed_cached_ms(model, runner, tokens, blas_variant) if fused else None
     chunked = (
         {backend: chunked_prefill_ms(model, runner, tokens, backend) for backend in ("fa2", "auto")}
         if fused
@@ -248,10 +258,12 @@ def path_figures(
         "cached_host_issue_ms": cached_issue_ms,
         "cached_speedup": cold10k_ms / cached_ms,
         # CudaModelRunner: the same step replayed from an extend CUDA graph (bucket 128, batch building
-        # and plan() included; FlashInfer's attention backend inside the graph below).
-        "cached_graph_ms": graphed,
+        # and plan() included; the default attention backend inside the graph, the better of two runs).
+        "cached_graph_ms": min(graphed[DEFAULT_BACKEND]) if graphed else None,
         "cached_graph_backend": DEFAULT_BACKEND if fused else None,
-        "cached_graph_speedup": cold10k_ms / graphed if graphed else None,
+        "cached_graph_speedup": cold10k_ms / min(graphed[DEFAULT_BACKEND]) if graphed else None,
+        # the same step through graphs of each attention backend, alternating (two runs each)
+        "cached_graph_ms_by_backend": graphed,
         # The 10,100-token prompt cold, in 512-token chunks (the worker's default --prefill-chunk) through
         # the extend graphs (buckets 128/256/512): all-fa2 graphs against "auto" (fa3 above 128 tokens).
         "chunked_prefill_512_ms": chunked,
@@ -261,23 +273,49 @@ def path_figures(
     }
 
 
-def graphed_cached_ms(model: LlamaModel, runner: Runner, tokens: torch.Tensor) -> float:
-    """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph."""
+def graphed_cached_ms(
+    model: LlamaModel, runner: Runner, tokens: torch.Tensor, blas_variant: bool = False
+) -> dict[str, list[float]]:
+    """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph, per extend
+    attention backend (the default "auto" and "fa2"; with blas_variant also "auto" captured with
+    cuBLASLt as torch's BLAS library), measured alternately twice each in one process."""
     from computeworker.model.cuda_runner import CudaModelRunner
 
-    cuda = CudaModelRunner(model, max_graph_batch=1, extend_batch_sizes=(1,), extend_token_buckets=(128,))
-    cuda.bind(runner.pool, runner.attn)
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()
+    runners = {}
+    variants = [(backend, backend, "default") for backend in GRAPH_BACKENDS]
+    if blas_variant:  # the same default backend, with GEMMs chosen by cuBLASLt when the graphs are captured
+        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt"))
+    for name, backend, blas in variants:
+        cuda = CudaModelRunner(
+            model,
+            max_graph_batch=1,
+            extend_batch_sizes=(1,),
+            extend_token_buckets=(128,),
+            extend_backend=backend,
+        )
+        torch.backends.cuda.preferred_blas_library(blas)
+        try:
+            cuda.bind(runner.pool, runner.attn)
+        finally:
+            torch.backends.cuda.preferred_blas_library("default")
+        runners[name] = cuda
+    figures: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(2):
+        for backend, cuda in runners.items():
 
-    def step() -> torch.Tensor:
-        batch = build_forward_batch([SeqChunk(ids, 10_000, pages)], PAGE, "cuda")
-        return cuda.forward(batch, runner.pool, runner.attn)
+            def step(cuda=cuda) -> torch.Tensor:
+                batch = build_forward_batch([SeqChunk(ids, 10_000, pages)], PAGE, "cuda")
+                return cuda.forward(batch, runner.pool, runner.attn)
 
-    ms = time_ms(step, warmup=2, reps=20)
-    if cuda.num_extend_graph_steps < 20:
-        raise RuntimeError(f"only {cuda.num_extend_graph_steps} steps replayed a graph")
-    return ms
+            before = cuda.num_extend_graph_steps
+            figures[backend].append(time_ms(step, warmup=2, reps=20))
+            if cuda.num_extend_graph_steps - before < 20:
+                raise RuntimeError(
+                    f"{backend}: only {cuda.num_extend_graph_steps - before} steps replayed a graph"
+                )
+    return figures
 
 
 def chunked_prefill_ms(model: LlamaModel, runner: Runner, tokens: torch.Tensor, backend: str) -> float:
@@ -321,11 +359,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_model.json"))
     parser.add_argument("--paths", default="model,torch_path", help="which forward paths to measure")
+    parser.add_argument(
+        "--cublaslt-variant",
+        action="store_true",
+        help="also time the cached graph captured with cuBLASLt GEMMs",
+    )
     args = parser.parse_args(argv)
     ceilings = {"matmul_bf16_tflops": matmul_tflops(), "copy_tbps": copy_tbps()}
     result: dict[str, Any] = {"meta": run_metadata(), "ceilings": ceilings}
     paths = tuple(args.paths.split(","))
-    result.update(model_figures(ceilings["matmul_bf16_tflops"], ceilings["copy_tbps"], paths))
+    result.update(
+        model_figures(ceilings["matmul_bf16_tflops"], ceilings["copy_tbps"], paths, args.cublaslt_variant)
+    )
     text = json.dumps(result, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

@@ -3,7 +3,7 @@ Llama-3-8B-shape model, replayed from CudaModelRunner's extend graph, profiled p
 
     PYTHONPATH=. python3 bench/gpu_profile.py --out $OUT/gpu_profile.json
 
-For each extend-graph backend (fa2, fa3): the step's median time (batch building and plan() included,
+For each extend-graph backend (default fa2, fa3; `--backends auto,fa2` for the worker's default): the step's median time (batch building and plan() included,
 as the worker runs it), then torch.profiler (CUPTI) over graph replays, each kernel put in a class
 (GEMM, attention, split-KV merge, norms, RoPE, activation, K/V writes and gathers, memsets, other), with
 the GPU-busy time, the gaps between kernels and the host time outside the GPU's work. Also every GEMM
@@ -37,7 +37,7 @@ CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ("RMSNorm", "Norm")),
     ("rope", ("Rotary", "Rope", "rope")),
     ("activation", ("act_and_mul", "silu", "Silu")),
-    ("attention_merge", ("MergeStates", "AttentionSum")),
+    ("attention_merge", ("MergeStates", "AttentionSum", "merge_kernel")),
     ("attention", ("Prefill", "Attention", "Attn", "fmha", "Decode")),
     ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "xmma", "cutlass", "splitK", "cublas")),
     ("kv_write_gather", ("index", "Index", "scatter", "gather", "embedding")),

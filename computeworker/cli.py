@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--extend-attention",
         choices=EXTEND_ATTENTION_CHOICES,
         default=_env("EXTEND_ATTENTION", "auto"),
-        help="FlashInfer backend of the prefill CUDA graphs: auto (fa2 up to 128 new tokens, fa3 above, on "
-        "Hopper), fa2 or fa3 [RADIXKV_EXTEND_ATTENTION]",
+        help="attention of the prefill CUDA graphs: auto (on Hopper: fa3 over prefix chunks for one sequence, "
+        "else fa2 up to 128 new tokens and fa3 above), fa2, fa3 or fa3-split [RADIXKV_EXTEND_ATTENTION]",
     )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[RADIXKV_LOG_LEVEL]")
     return p

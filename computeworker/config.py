@@ -18,7 +18,7 @@ def default_daemon_endpoint() -> str:
 
 
 # The extend graphs' attention backends (computeworker.model.extend_graphs.BACKENDS).
-EXTEND_ATTENTION_CHOICES = ("auto", "fa2", "fa3")
+EXTEND_ATTENTION_CHOICES = ("auto", "fa2", "fa3", "fa3-split")
 
 # Batch limits when left at 0 ("by device"): (max_running, prefill_chunk). A CPU worker computes one
 # request's chunk at a time at a few hundred tokens/s; a GPU step is weight-read bound below ~100 rows,
@@ -51,7 +51,7 @@ class WorkerConfig:
     max_graph_batch: int = 0  # largest captured decode batch; 0 = max_running
     log_steps: bool = False  # log every forward step's size and time (INFO)
     mixed_steps: bool | None = None  # decodes inside prefill steps; None: on for CPU, off for CUDA
-    extend_attention: str = "auto"  # FlashInfer backend of the extend graphs: auto, fa2 or fa3 (CUDA only)
+    extend_attention: str = "auto"  # attention of the extend graphs: auto, fa2, fa3 or fa3-split (CUDA)
 
     def __post_init__(self) -> None:
         if not self.daemon_endpoint.startswith(("ipc://", "tcp://", "inproc://")):

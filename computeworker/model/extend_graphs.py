@@ -23,21 +23,23 @@ is fixed by the buffers, and the first plan() fixes the largest total row count;
 to run() at capture has exactly that many rows. So each graph is planned first (and captured) with
 T_pad rows, and later plans with T <= T_pad rows reuse the same launch shape.
 
-Backend: "auto" by default: fa2 for the 128-token bucket, fa3 for larger buckets on Hopper (fa2
-everywhere else). fa3 gives each (sequence, query head, 128-row tile) one CTA and never splits the KV;
-fa2 packs a GQA group's query heads into one tile and, in CUDA-graph mode, always splits the KV across
-CTAs and merges the partial results (a second kernel), but runs on mma.sync at about half fa3's rate.
-So fa2 wins only where fa3 has too few tiles to fill the GPU: few new tokens over a long prefix.
-Measured on an H100 (bench/extend_attention_bench.py, attention alone, 32 layers, ms fa2 / fa3):
+Backend: "auto" by default. On Hopper: "fa3-split" for one sequence in the 128- and 256-token buckets,
+fa2 for more sequences in the 128-token bucket, fa3 for the larger buckets; fa2 on other GPUs. fa3 runs
+one work item per (sequence, query head, 128-row tile) and never splits the KV; fa2 packs a GQA group's
+query heads into one tile and, in CUDA-graph mode, always splits the KV across CTAs and merges the
+partial results (a second kernel), but runs on mma.sync at about half fa3's rate. fa3-split
+(computeworker.model.split_extend) splits the cached prefix into chunks that fa3 runs side by side, plus
+a causal call over the tail, merged by log-sum-exp: 4 chunks for one 128-row tile fill 128 of 132 SMs.
+Measured on an H200 (bench/extend_attention_bench.py, attention alone, 32 layers, ms fa2 / fa3 /
+fa3-split; run 56):
 
-    100 over 10k 2.45 / 4.51    100 over 2k 1.00 / 1.06    4 x 25 over 2.5k 1.15 / 1.33   (bucket 128)
-    200 over 10k 4.52 / 4.48    200 over 2k 1.73 / 1.11    2 x 100 over 2k  1.61 / 1.07   (bucket 256)
-    400 over 10k 9.16 / 5.25    500 over 2k 3.49 / 1.31    4 x 128 over 2k  3.33 / 1.20   (bucket 512)
+    100 over 10k  2.46 / 4.56 / 1.69     100 over 2k 1.02 / 1.09 / 0.79    (bucket 128)
+    200 over 10k  4.62 / 4.55 / 2.95     200 over 2k 1.69 / 1.15 / 1.05    (bucket 256)
+    2 x 100 over 2k  1.67 / 1.10 / 1.53  (two sequences: split into 2 chunks loses to fa3, so "auto"
+                                         keeps fa3-split to one sequence)
 
-(A third way, fa3 over prefix chunks plus the causal tail merged by log-sum-exp, cut 100 over 10k to
-1.93 ms on the GPU but its two plans cost 0.7-1.3 ms more host time per step than fa2's: a net loss,
-measured and removed; see bench/results/gpu_notes.md, run 23. A fourth, a Triton split-KV kernel that
-needs no host plan (commit 260cb31, run 27), was correct but slower: 100 over 10k 2.70 ms at best.)
+The cached 100-over-10k step of the 8B model: 7.30 ms with fa3-split against 8.18 ms with fa2 (run 57).
+(A Triton split-KV kernel that needs no host plan, commit 260cb31, run 27, was correct but slower.)
 
 Split-KV and graphs: a replay runs the kernels, grid sizes and workspace offsets the capture-time plan
 chose; only the buffers plan() rewrites (indptrs, page ids, the work schedule in the int workspace, the
@@ -61,14 +63,17 @@ import torch
 from computeworker.model.attention_flashinfer import FlashInferAttention, qo_indptr_of
 from computeworker.model.batch import ForwardBatch
 from computeworker.model.cuda_graphs import ForwardFn, GraphAttention
+from computeworker.model.split_extend import SplitExtendAttention, SplitGraphAttention
+from computeworker.model.split_plan import split_chunks_for
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_BUCKETS = (128, 256, 512)
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4)
 DEFAULT_BACKEND = "auto"
-BACKENDS = ("auto", "fa2", "fa3")
+BACKENDS = ("auto", "fa2", "fa3", "fa3-split")
 FA2_MAX_BUCKET = 128  # "auto": fa2 up to this many padded tokens, fa3 above (on sm90)
+MAX_SPLIT_CHUNKS = 4  # fa3-split: at most this many prefix chunks (each a copy of q in the graph)
 
 
 def graph_prefill_wrapper(
@@ -91,14 +96,26 @@ def graph_prefill_wrapper(
     )
 
 
-def bucket_backend(backend: str, num_tokens: int, device: torch.device) -> str:
-    """The FlashInfer prefill backend of the graph for `num_tokens` padded tokens: `backend` itself, or
-    for "auto", fa2 up to FA2_MAX_BUCKET tokens and fa3 above on Hopper (fa2 elsewhere)."""
-    if backend != "auto":
-        return backend
-    if num_tokens <= FA2_MAX_BUCKET or torch.cuda.get_device_capability(device)[0] != 9:
-        return "fa2"
-    return "fa3"
+def bucket_backend(
+    backend: str, num_tokens: int, batch_size: int, num_qo_heads: int, device: torch.device
+) -> tuple[str, int]:
+    """(backend, prefix chunks) of the graph for `batch_size` sequences in `num_tokens` padded tokens.
+    "fa2" and "fa3" are FlashInfer's (chunks 1); "fa3-split" is fa3 over prefix chunks (split_extend),
+    taken only where splitting fills more SMs (split_chunks_for >= 2), plain fa3 elsewhere. "auto" on
+    Hopper: fa3-split for one sequence where it applies, else fa2 up to FA2_MAX_BUCKET tokens and fa3
+    above; fa2 on other GPUs."""
+    if backend in ("fa2", "fa3"):
+        return backend, 1
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    if backend == "auto" and not hopper:
+        return "fa2", 1
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    chunks = split_chunks_for(batch_size, num_tokens, num_qo_heads, num_sms, MAX_SPLIT_CHUNKS)
+    if backend == "fa3-split":
+        return ("fa3-split", chunks) if chunks >= 2 else ("fa3", 1)
+    if batch_size == 1 and chunks >= 2:
+        return "fa3-split", chunks
+    return ("fa2" if num_tokens <= FA2_MAX_BUCKET else "fa3"), 1
 
 
 def pick_bucket(num_tokens: int, buckets: tuple[int, ...]) -> int | None:
@@ -130,8 +147,8 @@ class _Slot:
 
     batch_size: int
     num_tokens: int  # the bucket: rows the graph computes
-    backend: str  # "fa2" or "fa3"
-    wrapper: object  # flashinfer.BatchPrefillWithPagedKVCacheWrapper (CUDA-graph mode)
+    backend: str  # "fa2", "fa3" or "fa3-split"
+    wrapper: object  # a CUDA-graph-mode FlashInfer paged-prefill wrapper, or a SplitExtendAttention
     batch: ForwardBatch  # static inputs the graph reads
     kv_rows: torch.Tensor  # [num_tokens, 2] int64 rows of kv_layer.view(-1, heads, dim) receiving K and V
     out: torch.Tensor  # [num_tokens, heads, head_dim] the attention output buffer, shared by all layers
@@ -184,8 +201,20 @@ class ExtendGraphs:
         with torch.inference_mode():
             for bs in self.batch_sizes:
                 for num_tokens in self.token_buckets:
-                    slot_backend = bucket_backend(backend, num_tokens, device)
-                    wrapper = graph_prefill_wrapper(attention, slot_backend, bs, bs * max_pages_per_seq)
+                    slot_backend, chunks = bucket_backend(
+                        backend, num_tokens, bs, self.shape.num_qo_heads, device
+                    )
+                    wrapper: object
+                    if slot_backend == "fa3-split":
+                        wrapper = SplitExtendAttention(
+                            attention,
+                            batch_size=bs,
+                            num_rows=num_tokens,
+                            num_chunks=chunks,
+                            max_pages=bs * max_pages_per_seq,
+                        )
+                    else:
+                        wrapper = graph_prefill_wrapper(attention, slot_backend, bs, bs * max_pages_per_seq)
                     zeros = torch.zeros(num_tokens, dtype=torch.int64, device=device)
                     q_lens = (num_tokens - bs + 1,) + (1,) * (bs - 1)  # the capture-time layout
                     batch = ForwardBatch(
@@ -235,14 +264,17 @@ class ExtendGraphs:
             # Capture-time pages cycle through the scratch pool: reading repeats is harmless, and the
             # write rows (all zero here) only ever land in the scratch pool.
             page_ids = torch.arange(num_pages, dtype=torch.int32, device=self._attention.device) % num_scratch
-            qo_indptr = qo_indptr_of(s.q_lens)
-            s.qo_indptr.copy_(qo_indptr)
-            self._plan(slot, qo_indptr, s.kv_lens, page_ids)
+            s.qo_indptr.copy_(qo_indptr_of(s.q_lens))
+            self._plan(slot, s.q_lens, s.kv_lens, page_ids)
             slot.plan_key = plan_launch_key(slot.wrapper)
-            # fa2's kernel reads q through its row stride: the q slice of the fused QKV output needs no copy.
-            attn = GraphAttention(
-                slot.wrapper, slot.kv_rows, self.shape, strided_q=slot.backend == "fa2", out=slot.out
-            )
+            attn: GraphAttention
+            if isinstance(slot.wrapper, SplitExtendAttention):
+                attn = SplitGraphAttention(slot.wrapper, slot.kv_rows, self.shape, out=slot.out)
+            else:
+                # fa2's kernel reads q through its row stride: the q slice of the QKV output needs no copy.
+                attn = GraphAttention(
+                    slot.wrapper, slot.kv_rows, self.shape, strided_q=slot.backend == "fa2", out=slot.out
+                )
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._forward(s, scratch_pool, attn, False)
@@ -276,7 +308,7 @@ class ExtendGraphs:
         slot = self._slots[(n, bucket)]
         if slot.graph is None or slot.logits is None:
             raise ValueError("capture() first")
-        self._plan(slot, qo_indptr_of(batch.q_lens), batch.kv_lens, batch.kv_page_ids)
+        self._plan(slot, batch.q_lens, batch.kv_lens, batch.kv_page_ids)
         if plan_launch_key(slot.wrapper) != slot.plan_key:
             self.num_plan_mismatches += 1
             if self.num_plan_mismatches == 1:
@@ -304,13 +336,19 @@ class ExtendGraphs:
         return slot.logits
 
     def _plan(
-        self, slot: _Slot, qo_indptr: torch.Tensor, kv_lens: tuple[int, ...], page_ids: torch.Tensor
+        self, slot: _Slot, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor
     ) -> None:
-        self._attention.plan_prefill(slot.wrapper, qo_indptr, kv_lens, page_ids.to(torch.int32))
+        page_ids = page_ids.to(torch.int32)
+        if isinstance(slot.wrapper, SplitExtendAttention):
+            slot.wrapper.plan(q_lens, kv_lens, page_ids)
+        else:
+            self._attention.plan_prefill(slot.wrapper, qo_indptr_of(q_lens), kv_lens, page_ids)
 
 
 def plan_launch_key(wrapper: object) -> tuple[int, ...]:
     """The launch record of the wrapper's last plan (FlashInfer's PrefillPlanInfo as integers: padded grid,
     tile size, split-KV flag, workspace offsets). A graph replay is valid only while it equals the
     capture's. Read from a private attribute: FlashInfer exposes no public view of the plan's decision."""
+    if isinstance(wrapper, SplitExtendAttention):
+        return wrapper.launch_key
     return tuple(int(x) for x in wrapper._plan_info)  # type: ignore[attr-defined]

@@ -9,6 +9,9 @@ plus two extra kernel boundaries (bench/results/gpu_notes.md run 9). One program
     pool row K[t]   <- rope(k[t], position[t])                      rows[t, 0] of kv_layer.view(-1, H_kv, D)
     pool row V[t]   <- v[t]                                         rows[t, 1]
 
+(For the split-KV extend attention the rotated q goes instead into C blocks of a buffer, one per KV
+chunk: the copies cost one kernel nothing, a separate copy cost ~7 us per layer.)
+
 RoPE is the NeoX form the fused forward uses (`cos_sin` [positions, D] float32: cos in the first half, sin
 in the second; x1, x2 = halves of x; out = (x1 cos - x2 sin, x2 cos + x1 sin)), computed in float32 and
 rounded once, as FlashInfer's kernel does. The graphs' padding contract is kept: padding rows aim at row
@@ -48,8 +51,9 @@ def _kernel() -> object:
     @triton.jit
     def rope_store_kernel(
         q_ptr, k_ptr, v_ptr, stride_qt, stride_kt, stride_vt,
-        pos_ptr, cos_sin_ptr, rows_ptr, kv_ptr,
+        pos_ptr, cos_sin_ptr, rows_ptr, kv_ptr, q_copies_ptr, stride_copy,
         HQ: tl.constexpr, HKV: tl.constexpr, HQ_P: tl.constexpr, HKV_P: tl.constexpr, HALF: tl.constexpr,
+        NUM_COPIES: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0)
         pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -61,8 +65,16 @@ def _kernel() -> object:
         qp = q_ptr + t.to(tl.int64) * stride_qt + hq * (2 * HALF) + i
         x1 = tl.load(qp, mask=q_mask).to(tl.float32)
         x2 = tl.load(qp + HALF, mask=q_mask).to(tl.float32)
-        tl.store(qp, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=q_mask)
-        tl.store(qp + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=q_mask)
+        r1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
+        r2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
+        if NUM_COPIES == 0:
+            tl.store(qp, r1, mask=q_mask)
+            tl.store(qp + HALF, r2, mask=q_mask)
+        else:  # rotated q into each block of a contiguous [NUM_COPIES, rows, HQ, D] buffer, q untouched
+            cp = q_copies_ptr + t.to(tl.int64) * (HQ * 2 * HALF) + hq * (2 * HALF) + i
+            for c in tl.static_range(NUM_COPIES):
+                tl.store(cp + c * stride_copy, r1, mask=q_mask)
+                tl.store(cp + c * stride_copy + HALF, r2, mask=q_mask)
         k_row = tl.load(rows_ptr + 2 * t)
         v_row = tl.load(rows_ptr + 2 * t + 1)
         # Padding rows aim at row 0's slots: token 0 alone writes them.
@@ -90,10 +102,13 @@ def rope_and_store(
     cos_sin: torch.Tensor,
     rows: torch.Tensor,
     kv_layer: torch.Tensor,
+    q_copies: torch.Tensor | None = None,
 ) -> None:
     """q [T, Hq, D], k / v [T, Hkv, D] (rows may be strided, heads and dims packed), positions [T] int,
     cos_sin [P, D] float32, rows [T, 2] int64 (K row, V row of kv_layer.view(-1, Hkv, D)), kv_layer
-    contiguous. Rotates q in place and writes rotated K and V into the pool."""
+    contiguous. Rotates q in place and writes rotated K and V into the pool. With q_copies, a contiguous
+    [C, R >= T, Hq, D] buffer (the split-KV attention's per-chunk q, computeworker.model.split_extend),
+    the rotated q goes into rows [0, T) of each of its C blocks instead, and q is left as it was."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
@@ -101,11 +116,18 @@ def rope_and_store(
     hkv = k.shape[1]
     if t == 0:
         return
+    num_copies, stride_copy = 0, 0
+    if q_copies is not None:
+        if not q_copies.is_contiguous() or q_copies.dim() != 4 or q_copies.shape[1] < t:
+            raise ValueError(f"q_copies must be a contiguous [C, >= {t}, Hq, D] buffer")
+        if tuple(q_copies.shape[2:]) != (hq, d):
+            raise ValueError(f"q_copies heads / dims {tuple(q_copies.shape[2:])} differ from q's ({hq}, {d})")
+        num_copies, stride_copy = int(q_copies.shape[0]), int(q_copies.stride(0))
     # Triton launches on the thread's current device: make it the tensors' (a worker on cuda:1).
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _KERNEL[(t,)](  # type: ignore[index]
             q, k, v, q.stride(0), k.stride(0), v.stride(0),
-            positions, cos_sin, rows, kv_layer,
+            positions, cos_sin, rows, kv_layer, q if q_copies is None else q_copies, stride_copy,
             HQ=hq, HKV=hkv, HQ_P=1 << (hq - 1).bit_length(), HKV_P=1 << (hkv - 1).bit_length(),
-            HALF=d // 2, num_warps=4,
+            HALF=d // 2, NUM_COPIES=num_copies, num_warps=4,
         )  # fmt: skip

@@ -88,8 +88,8 @@ def test_graph_decode_matches_eager(model_dir: Path) -> None:
 
 
 def test_graph_extend_matches_eager(model_dir: Path) -> None:
-    """Padded extend graphs (fa2, buckets 32 / 64, one or two sequences) against the eager fused forward
-    with fa2 attention: same argmax (up to bf16 ties), logits within bf16 noise, and exactly the batch's
+    """Padded extend graphs ("auto", buckets 32 / 64: fa3 over prefix chunks for one sequence, fa2 for
+    two) against the eager fused forward with fa2 attention: same argmax (up to bf16 ties), logits within bf16 noise, and exactly the batch's
     write slots changed in the pool (the padding tokens' writes never land outside them)."""
     model, spec = random_model(model_dir, torch.bfloat16, "cuda", seed=4)
     shape = AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, PAGE)

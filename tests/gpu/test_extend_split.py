@@ -1,6 +1,8 @@
 """Extend graphs: captured graphs (buckets 128 and 256) replayed for short prefixes and a 10,000-token
 prefix (on fa2: KV split across CTAs, partial results merged), each against float64 attention over the
-pool, on fa2, fa3 and "auto" (fa2 for bucket 128, fa3 for 256). Attention only (no model around it), so the comparison is exact
+pool, on fa2, fa3, fa3-split (fa3 over prefix chunks merged by log-sum-exp: 4 chunks for one sequence
+in bucket 128, 2 for two sequences or bucket 256) and "auto" (fa3-split for one sequence, fa2 for two in
+bucket 128, fa3 for two in 256). Attention only (no model around it), so the comparison is exact
 up to bf16 operands, with no argmax ties to blur it."""
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class AttentionOnly:
         return attention.forward(0, self.q[:n], self.k[:n], self.v[:n], kv_pool[0])  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("backend", ["fa2", "fa3", "auto"])
+@pytest.mark.parametrize("backend", ["fa2", "fa3", "auto", "fa3-split"])
 def test_one_graph_serves_short_and_long_prefixes(backend: str) -> None:
     if backend != "fa2" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("fa3 needs sm90")

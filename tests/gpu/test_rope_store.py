@@ -53,3 +53,35 @@ def test_matches_flashinfer_rope_and_scatter(hq: int, hkv: int, d: int) -> None:
     written = (pool.view(-1, hkv, d).abs().sum((1, 2)) > 0).nonzero().flatten()
     expected = torch.cat((k_rows, k_rows + ps)).sort().values
     assert torch.equal(written, expected)
+
+
+def test_rotated_q_into_per_chunk_copies() -> None:
+    """With q_copies the rotated q lands in each block (rows past T untouched) and q keeps its values;
+    K / V are written exactly as without copies."""
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    t, hq, hkv, d, ps = 100, 32, 8, 128, 16
+    qkv = torch.randn((t, (hq + 2 * hkv) * d), dtype=torch.bfloat16, device="cuda", generator=gen)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split((hq * d, hkv * d, hkv * d), dim=-1))
+    positions = torch.arange(5000, 5000 + t, device="cuda")
+    angles = torch.arange(6000, device="cuda", dtype=torch.float32)[:, None] * torch.rand(
+        d // 2, device="cuda"
+    )
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1).contiguous()
+    rows = torch.empty((t, 2), dtype=torch.int64, device="cuda")
+    rows[:, 0] = (torch.arange(t, device="cuda") // ps) * 2 * ps + torch.arange(t, device="cuda") % ps
+    rows[:, 1] = rows[:, 0] + ps
+    pool_a = torch.zeros((-(-t // ps), 2, ps, hkv, d), dtype=torch.bfloat16, device="cuda")
+    pool_b = torch.zeros_like(pool_a)
+    q_before = q.clone()
+    copies = torch.full((4, 128, hq, d), 7.0, dtype=torch.bfloat16, device="cuda")
+    rope_and_store(q, k, v, positions, cos_sin, rows, pool_a, q_copies=copies)
+    assert torch.equal(q, q_before)
+    q_in_place = q.clone()
+    rope_and_store(q_in_place, k, v, positions, cos_sin, rows, pool_b)
+    torch.cuda.synchronize()
+    for c in range(4):
+        assert torch.equal(copies[c, :t], q_in_place)
+    assert bool((copies[:, t:] == 7.0).all())
+    assert torch.equal(pool_a, pool_b)
+    with pytest.raises(ValueError, match="contiguous"):
+        rope_and_store(q, k, v, positions, cos_sin, rows, pool_a, q_copies=copies[:, :50])
