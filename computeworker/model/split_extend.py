@@ -5,6 +5,7 @@ host calls `plan` before each replay; inside the graph each layer runs three ker
 
     fa3 paged prefill, no mask, C * B virtual sequences over q_copies [C, R, H, D]  -> chunk_out, chunk_lse
     fa3 paged prefill, causal, the B real sequences over their tails (q_copies[0])  -> tail_out, tail_lse
+        (by default the tail call also takes the last prefix chunk and runs beside the chunk call)
     merge by log-sum-exp into the graph's attention output (split_merge, Triton)
 
 and the RoPE kernel before them writes the rotated q straight into the C blocks of `q_copies`
@@ -49,7 +50,11 @@ class SplitExtendAttention:
         num_rows: int,
         num_chunks: int,
         max_pages: int,
+        tail_takes_a_chunk: bool = True,
     ) -> None:
+        """num_chunks: prefix chunks of the chunk call. tail_takes_a_chunk: the causal call also takes one
+        more prefix chunk and runs beside the chunk call (a second stream, a parallel branch in a graph)
+        rather than after it (split_plan)."""
         import flashinfer
 
         if batch_size < 1 or num_chunks < 1 or num_rows < batch_size or max_pages < batch_size:
@@ -59,7 +64,9 @@ class SplitExtendAttention:
         self.batch_size = batch_size
         self.num_rows = num_rows
         self.num_chunks = num_chunks
+        self.tail_takes_a_chunk = tail_takes_a_chunk
         device, dtype = attention.device, attention.dtype
+        self._side = torch.cuda.Stream(device) if tail_takes_a_chunk else None
         i32 = dict(dtype=torch.int32, device=device)
         self._page_ids = torch.zeros(max_pages, **i32)  # the batch's page list, read by both calls
 
@@ -107,6 +114,7 @@ class SplitExtendAttention:
             page_size=self.shape.page_size,
             num_chunks=self.num_chunks,
             num_rows=self.num_rows,
+            tail_takes_a_chunk=self.tail_takes_a_chunk,
         )
         self._page_ids[: page_ids.shape[0]].copy_(page_ids, non_blocking=True)
         self._num_rows_real.fill_(layout.num_rows_real)
@@ -120,6 +128,17 @@ class SplitExtendAttention:
         [num_rows, H, D] (padding rows zero)."""
         c, r = self.num_chunks, self.num_rows
         heads, dim = self.shape.num_qo_heads, self.shape.head_dim
+
+        def tail() -> None:
+            self._tail.run(  # type: ignore[attr-defined]
+                self.q_copies[0], kv_layer, out=self._tail_out, lse=self._tail_lse, return_lse=True
+            )
+
+        main = torch.cuda.current_stream(kv_layer.device)
+        if self._side is not None:  # beside the chunk call: its CTAs take the SMs the chunk call leaves
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                tail()
         self._chunks.run(  # type: ignore[attr-defined]
             self.q_copies.view(c * r, heads, dim),
             kv_layer,
@@ -127,9 +146,10 @@ class SplitExtendAttention:
             lse=self._chunk_lse.view(c * r, heads),
             return_lse=True,
         )
-        self._tail.run(  # type: ignore[attr-defined]
-            self.q_copies[0], kv_layer, out=self._tail_out, lse=self._tail_lse, return_lse=True
-        )
+        if self._side is None:
+            tail()
+        else:
+            main.wait_stream(self._side)
         return merge_partial_states(
             self._chunk_out, self._chunk_lse, self._tail_out, self._tail_lse, self._num_rows_real, out
         )

@@ -1,7 +1,8 @@
 """fa3 over prefix chunks (computeworker.model.split_extend) on its own: the Triton merge against its
 torch reference; the attention against float64 attention over the pool for one planner object replanned
 across layouts (long, short and no prefix; one and two sequences; padding), with the compiled scheduler
-called directly after the first plan keeping the capture's launch record (and skipped for a step with
+called directly after the first plan keeping the capture's launch record, with the tail call beside the
+chunk call (taking a chunk) and after it (and skipped for a step with
 the previous step's lengths); and a plan for a batch that does not fit refused."""
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def test_merge_kernel_matches_reference() -> None:
     assert bool((wide[:, h * d :] == 9.0).all())
 
 
-def test_replanned_split_attention_matches_float64() -> None:
+@pytest.mark.parametrize("tail_takes_a_chunk", [True, False])
+def test_replanned_split_attention_matches_float64(tail_takes_a_chunk: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(4)
     attn = FlashInferAttention(AttentionShape(HEADS, KV_HEADS, DIM, PAGE), device="cuda")
     num_pages = 1300
@@ -53,7 +55,12 @@ def test_replanned_split_attention_matches_float64() -> None:
         (2, 2, [[(0, rows - 1), (0, 1)], [(10_000, 60), (37, 20)], [(3, 7), (9_990, 90)]]),
     ):
         split = SplitExtendAttention(
-            attn, batch_size=batch_size, num_rows=rows, num_chunks=chunks, max_pages=1280
+            attn,
+            batch_size=batch_size,
+            num_rows=rows,
+            num_chunks=chunks,
+            max_pages=1280,
+            tail_takes_a_chunk=tail_takes_a_chunk,
         )
         out = torch.zeros((rows, HEADS, DIM), dtype=torch.bfloat16, device="cuda")
         capture_key = None

@@ -6,13 +6,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from computeworker.model.attention_torch import TorchAttention
-from computeworker.model.forward_batch import SeqChunk, build_forward_batch
+from computeworker.model.forward_batch import SeqChunk, _many_sequences, build_forward_batch
 
 PAGE, HEADS, KV_HEADS, DIM, PAGES = 4, 4, 2, 8, 16
 
@@ -76,6 +77,24 @@ def test_batch_fields_match_a_token_by_token_reference(shapes: list[tuple[int, i
     assert batch.qo_indptr.tolist() == [0, *itertools.accumulate(len(c.token_ids) for c in chunks)]
     assert batch.q_lens == tuple(len(c.token_ids) for c in chunks)
     assert batch.kv_lens == tuple(c.start_pos + len(c.token_ids) for c in chunks)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 200), st.integers(0, 3), st.sampled_from([1, 4, 16]), st.booleans())
+def test_one_sequence_takes_a_shortcut_to_the_same_fields(
+    q_len: int, start: int, spare: int, page: int, as_numpy: bool
+) -> None:
+    """A lone sequence skips the batch arithmetic (the latency-critical step); every field, dtype and
+    length must equal the general path's."""
+    pages = list(range(500, 500 + -(-(start + q_len) // page) + spare))[::-1]
+    ids = [3 * t + 1 for t in range(q_len)]
+    chunk = SeqChunk(np.asarray(ids) if as_numpy else ids, start, np.asarray(pages) if as_numpy else pages)
+    fast, general = build_forward_batch([chunk], page, "cpu"), _many_sequences([chunk], page, "cpu")
+    for name in ("input_ids", "positions", "qo_indptr", "kv_indptr", "kv_page_ids", "kv_last_page_len",
+                 "write_page_ids", "write_slots"):  # fmt: skip
+        a, b = getattr(fast, name), getattr(general, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert (fast.q_lens, fast.kv_lens) == (general.q_lens, general.kv_lens)
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,14 @@ def test_bad_batches_raise(q_lens, kv_lens, rows, message) -> None:
         split_layout(q_lens, kv_lens, page_size=4, num_chunks=2, num_rows=rows)
 
 
+def test_the_tail_can_take_the_last_chunk() -> None:
+    # 10 prefix pages in 3 + 1 parts: chunks of 2, 3, 2 pages, the causal call the last 3 and the tail
+    lay = split_layout((4,), (44,), page_size=4, num_chunks=3, num_rows=4, tail_takes_a_chunk=True)
+    assert lay.chunk_kv_len.tolist() == [8, 12, 8]
+    assert lay.chunk_kv_start.tolist() == [0, 2, 5, 0]
+    assert (lay.tail_kv_start.tolist(), lay.tail_kv_len.tolist()) == ([7, 0], [16])
+
+
 def test_chunks_fill_the_sms_once() -> None:
     # 32 query heads, 132 SMs (H100 / H200): one 128-row tile -> 4 chunks, two tiles -> 2, four -> 1
     assert split_chunks_for(1, 128, 32, 132, 4) == 4
@@ -91,14 +99,21 @@ def _fa3_call(q, kv, page_ids, qo_indptr, kv_start, kv_len, causal):
     return out, lse
 
 
-def _check(q_lens, kv_lens, page_size, num_chunks, num_rows, seed) -> None:
+def _check(q_lens, kv_lens, page_size, num_chunks, num_rows, seed, tail_takes_a_chunk=False) -> None:
     gen = torch.Generator().manual_seed(seed)
     pages_per_seq = [-(-n // page_size) for n in kv_lens]
     num_pages = sum(pages_per_seq) + 3
     kv = torch.randn((num_pages, 2, page_size, KV_HEADS, DIM), dtype=torch.float64, generator=gen)
     page_ids = torch.randperm(num_pages, generator=gen)[: sum(pages_per_seq)]
     q = torch.randn((num_rows, HEADS, DIM), dtype=torch.float64, generator=gen)
-    lay = split_layout(q_lens, kv_lens, page_size=page_size, num_chunks=num_chunks, num_rows=num_rows)
+    lay = split_layout(
+        q_lens,
+        kv_lens,
+        page_size=page_size,
+        num_chunks=num_chunks,
+        num_rows=num_rows,
+        tail_takes_a_chunk=tail_takes_a_chunk,
+    )
 
     q_copies = q.unsqueeze(0).expand(num_chunks, -1, -1, -1).reshape(-1, HEADS, DIM)
     chunk_out, chunk_lse = _fa3_call(
@@ -135,8 +150,11 @@ def _check(q_lens, kv_lens, page_size, num_chunks, num_rows, seed) -> None:
         ((3, 2, 4), (40, 5, 77), 4, 2, 12),  # three sequences, padding after the last
     ],
 )
-def test_split_attention_equals_causal_attention(q_lens, kv_lens, page_size, num_chunks, num_rows) -> None:
-    _check(q_lens, kv_lens, page_size, num_chunks, num_rows, seed=1)
+@pytest.mark.parametrize("tail_takes_a_chunk", [False, True])
+def test_split_attention_equals_causal_attention(
+    q_lens, kv_lens, page_size, num_chunks, num_rows, tail_takes_a_chunk
+) -> None:
+    _check(q_lens, kv_lens, page_size, num_chunks, num_rows, 1, tail_takes_a_chunk)
 
 
 @settings(max_examples=40, deadline=None)
@@ -148,8 +166,11 @@ def test_split_attention_equals_causal_attention(q_lens, kv_lens, page_size, num
     num_chunks=st.integers(1, 4),
     padding=st.integers(0, 5),
     seed=st.integers(0, 1000),
+    tail_takes_a_chunk=st.booleans(),
 )
-def test_split_attention_random_layouts(seqs, page_size, num_chunks, padding, seed) -> None:
+def test_split_attention_random_layouts(
+    seqs, page_size, num_chunks, padding, seed, tail_takes_a_chunk
+) -> None:
     q_lens = tuple(n for n, _ in seqs)
     kv_lens = tuple(n + prefix for n, prefix in seqs)
-    _check(q_lens, kv_lens, page_size, num_chunks, sum(q_lens) + padding, seed)
+    _check(q_lens, kv_lens, page_size, num_chunks, sum(q_lens) + padding, seed, tail_takes_a_chunk)
