@@ -31,10 +31,10 @@ partial results (a second kernel), but runs on mma.sync at about half fa3's rate
 (computeworker.model.split_extend) splits the cached prefix into chunks that fa3 runs side by side, plus
 a causal call over the tail, merged by log-sum-exp: 4 chunks for one 128-row tile fill 128 of 132 SMs.
 Measured on an H200 (bench/extend_attention_bench.py, attention alone, 32 layers, ms fa2 / fa3 /
-fa3-split; run 56):
+fa3-split; runs 56 and 59):
 
-    100 over 10k  2.46 / 4.56 / 1.69     100 over 2k 1.02 / 1.09 / 0.79    (bucket 128)
-    200 over 10k  4.62 / 4.55 / 2.95     200 over 2k 1.69 / 1.15 / 1.05    (bucket 256)
+    100 over 10k  2.46 / 4.56 / 1.55     100 over 2k 1.03 / 1.09 / 0.63    (bucket 128)
+    200 over 10k  4.62 / 4.55 / 2.70     200 over 2k 1.68 / 1.15 / 0.85    (bucket 256)
     2 x 100 over 2k  1.67 / 1.10 / 1.53  (two sequences: split into 2 chunks loses to fa3, so "auto"
                                          keeps fa3-split to one sequence)
 
