@@ -273,14 +273,22 @@ def path_figures(
     }
 
 
+def cached_step_runner(model: LlamaModel, backend: str) -> CudaModelRunner:
+    """A CudaModelRunner with one extend graph, one sequence in the 128-token bucket: the cached
+    100-over-10,000 step's graph, on the extend attention `backend` (not yet bound to a pool)."""
+    from computeworker.model.cuda_runner import CudaModelRunner
+
+    return CudaModelRunner(
+        model, max_graph_batch=1, extend_batch_sizes=(1,), extend_token_buckets=(128,), extend_backend=backend
+    )
+
+
 def graphed_cached_ms(
     model: LlamaModel, runner: Runner, tokens: torch.Tensor, blas_variant: bool = False
 ) -> dict[str, list[float]]:
     """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph, per extend
     attention backend (the default "auto" and "fa2"; with blas_variant also "auto" captured with
     cuBLASLt as torch's BLAS library), measured alternately twice each in one process."""
-    from computeworker.model.cuda_runner import CudaModelRunner
-
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()
     runners = {}
@@ -288,13 +296,7 @@ def graphed_cached_ms(
     if blas_variant:  # the same default backend, with GEMMs chosen by cuBLASLt when the graphs are captured
         variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt"))
     for name, backend, blas in variants:
-        cuda = CudaModelRunner(
-            model,
-            max_graph_batch=1,
-            extend_batch_sizes=(1,),
-            extend_token_buckets=(128,),
-            extend_backend=backend,
-        )
+        cuda = cached_step_runner(model, backend)
         torch.backends.cuda.preferred_blas_library(blas)
         try:
             cuda.bind(runner.pool, runner.attn)

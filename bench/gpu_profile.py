@@ -23,7 +23,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.gpu_model_bench import LLAMA3_8B_CONFIG, PAGE, Runner, random_model
+from bench.gpu_model_bench import LLAMA3_8B_CONFIG, PAGE, Runner, cached_step_runner, random_model
 from bench.gpu_timing import copy_tbps, run_metadata, time_ms
 from computeworker.model.cuda_runner import CudaModelRunner
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
@@ -104,13 +104,7 @@ def graph_step_figures(
         return build_forward_batch([SeqChunk(ids, PREFIX, pages)], PAGE, "cuda")
 
     def make_runner() -> CudaModelRunner:
-        cuda = CudaModelRunner(
-            model,
-            max_graph_batch=1,
-            extend_batch_sizes=(1,),
-            extend_token_buckets=(128,),
-            extend_backend=backend,
-        )
+        cuda = cached_step_runner(model, backend)
         cuda.bind(runner.pool, runner.attn)
         for _ in range(3):
             cuda.forward(batch(), runner.pool, runner.attn)
