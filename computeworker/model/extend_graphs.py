@@ -104,9 +104,11 @@ def bucket_backend(
     taken only where splitting fills more SMs (split_chunks_for >= 2), plain fa3 elsewhere. "auto" on
     Hopper: fa3-split for one sequence where it applies, else fa2 up to FA2_MAX_BUCKET tokens and fa3
     above; fa2 on other GPUs."""
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    if backend in ("fa3", "fa3-split") and not hopper:
+        raise ValueError(f"extend attention {backend!r} needs a Hopper GPU (sm90); use 'auto' or 'fa2'")
     if backend in ("fa2", "fa3"):
         return backend, 1
-    hopper = torch.cuda.get_device_capability(device)[0] == 9
     if backend == "auto" and not hopper:
         return "fa2", 1
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
