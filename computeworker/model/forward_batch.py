@@ -108,10 +108,8 @@ def _one_sequence(seq: SeqChunk, page_size: int, device: torch.device | str) -> 
     q_len, start = len(seq.token_ids), seq.start_pos
     kv_len = start + q_len
     need = -(-kv_len // page_size)
-    if q_len < 1 or start < 0:
-        raise ValueError(f"sequence 0: needs >= 1 new token and start_pos >= 0 (got {q_len}, {start})")
-    if len(seq.page_ids) < need:
-        raise ValueError(f"sequence 0: {kv_len} tokens need {need} pages, got {len(seq.page_ids)}")
+    if q_len < 1 or start < 0 or len(seq.page_ids) < need:
+        return _many_sequences([seq], page_size, device)  # raises, with the batch path's messages
     positions = np.arange(start, kv_len, dtype=np.int64)
     kv_page_ids = np.asarray(seq.page_ids[:need], dtype=np.int64)
     wide = np.empty(4 * q_len, dtype=np.int64)  # input_ids | positions | write pages | write slots
