@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the wheelhouse, compile FlashInfer's kernels in parallel, then run the
-# steps named as arguments (tests, kernels, model, serve, profile, attention, gemm, l2), teeing every log to $OUT.
+# steps named as arguments (tests, kernels, model, serve, profile, attention, gemm), teeing every log to $OUT.
 #   bash bench/gpu_session.sh tests kernels
 #   SERVE_ARGS="--clients 64" bash bench/gpu_session.sh serve     (bench/serve_bench.py, full stack)
 #   TEST_PATHS="tests/gpu/test_extend_split.py" bash bench/gpu_session.sh tests profile   (some tests; the
@@ -38,7 +38,6 @@ for step in "$@"; do
     kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     attention) python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
     model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" ;;
-    l2) python3 bench/l2_prefetch_bench.py --out "$OUT/l2_prefetch.json" ${L2_ARGS:-} 2>&1 | tee "$OUT/l2.log" ;;
     gemm) python3 bench/gemm_bench.py --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
     structured) python3 -m bench.structured_bench --out "$OUT/structured.json" ${STRUCTURED_ARGS:-} 2>&1 | tee "$OUT/structured.log" ;;
     *) echo "unknown step $step"; exit 2 ;;

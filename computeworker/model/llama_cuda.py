@@ -48,14 +48,6 @@ class LlamaCudaForward:
 
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
-        # Beside each layer's attention, prefetch this many bytes of the layer's next weights (the output
-        # projection's, then gate_up's) into L2 (computeworker/model/l2_prefetch.py); 0 turns it off.
-        self.l2_prefetch_bytes = 0
-        self.l2_prefetch_evict_last = True
-        # Run the last layer's output projection and MLP on each sequence's last token only (when only
-        # the last tokens' logits are asked for).
-        self.prune_last_layer = False
-        self._prefetch_stream: torch.cuda.Stream | None = None
         self._rope_source: object | None = None
         self._cos_sin = torch.empty(0, model.spec.head_dim, dtype=torch.float32, device=model.device)
 
@@ -91,8 +83,6 @@ class LlamaCudaForward:
         fused_rope = getattr(attention, "fuses_rope", False)
         residual = F.embedding(batch.input_ids, model.embed)
         h = flashinfer.rmsnorm(residual, model.layers[0].input_norm, eps)
-        last_rows = None if all_logits else (batch.qo_indptr[1:] - 1).to(torch.long)
-        prefetch = self._prefetcher(model.device)
         for i, layer in enumerate(model.layers):
             if i > 0:
                 flashinfer.fused_add_rmsnorm(h, residual, layer.input_norm, eps)
@@ -103,8 +93,6 @@ class LlamaCudaForward:
                 k.view(-1, spec.num_kv_heads, d),
                 v.view(-1, spec.num_kv_heads, d),
             )
-            if prefetch is not None:
-                prefetch.begin(layer)
             if fused_rope:  # the graphs' backend rotates q / k and writes K / V in one kernel
                 o = attention.forward_with_rope(i, *heads, kv_pool[i], batch.positions, cos_sin)  # type: ignore[attr-defined]
             else:
@@ -112,50 +100,11 @@ class LlamaCudaForward:
                     batch.positions, q, k, d, cos_sin, is_neox=True
                 )
                 o = attention.forward(i, *heads, kv_pool[i])
-            if prefetch is not None:
-                prefetch.join()
-            o = o.reshape(-1, layer.q_size)
-            if last_rows is not None and self.prune_last_layer and i == len(model.layers) - 1:
-                o, residual = o.index_select(0, last_rows), residual.index_select(0, last_rows)
-                last_rows = None
-            h = F.linear(o, layer.o_weight, layer.o_bias)
+            h = F.linear(o.reshape(-1, layer.q_size), layer.o_weight, layer.o_bias)
             flashinfer.fused_add_rmsnorm(h, residual, layer.post_norm, eps)
             h = F.linear(flashinfer.silu_and_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
         residual += h
-        if last_rows is not None:
-            residual = residual.index_select(0, last_rows)
+        if not all_logits:
+            residual = residual.index_select(0, (batch.qo_indptr[1:] - 1).to(torch.long))
         x = flashinfer.rmsnorm(residual, model.final_norm, eps)
         return F.linear(x, model.lm_head).float()
-
-    def _prefetcher(self, device: torch.device) -> _LayerPrefetch | None:
-        if self.l2_prefetch_bytes <= 0:
-            return None
-        if self._prefetch_stream is None:
-            self._prefetch_stream = torch.cuda.Stream(device)
-        return _LayerPrefetch(self._prefetch_stream, self.l2_prefetch_bytes, self.l2_prefetch_evict_last)
-
-
-class _LayerPrefetch:
-    """Queues a layer's L2 prefetch on a side stream forked from the current one (a parallel branch when
-    captured in a graph) and joins it back before the output projection."""
-
-    def __init__(self, stream: torch.cuda.Stream, budget: int, evict_last: bool) -> None:
-        self._stream = stream
-        self._budget = budget
-        self._evict_last = evict_last
-
-    def begin(self, layer: object) -> None:
-        from computeworker.model.l2_prefetch import prefetch_to_l2
-
-        main = torch.cuda.current_stream(self._stream.device)
-        self._stream.wait_stream(main)
-        left = self._budget
-        with torch.cuda.stream(self._stream):
-            for weight in (layer.o_weight, layer.gate_up_weight):  # type: ignore[attr-defined]
-                if left <= 0:
-                    break
-                prefetch_to_l2(weight, left, evict_last=self._evict_last)
-                left -= weight.numel() * weight.element_size()
-
-    def join(self) -> None:
-        torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
