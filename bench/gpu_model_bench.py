@@ -292,11 +292,15 @@ def graphed_cached_ms(
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()
     runners = {}
-    variants = [(backend, backend, "default") for backend in GRAPH_BACKENDS]
+    variants = [(backend, backend, "default", True) for backend in GRAPH_BACKENDS]
+    # the default backend with the MLP as cuBLAS + FlashInfer kernels (computeworker/model/fused_mlp.py off)
+    variants.append((f"{DEFAULT_BACKEND}_unfused_mlp", DEFAULT_BACKEND, "default", False))
     if blas_variant:  # the same default backend, with GEMMs chosen by cuBLASLt when the graphs are captured
-        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt"))
-    for name, backend, blas in variants:
+        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt", True))
+    for name, backend, blas, fused_mlp in variants:
         cuda = cached_step_runner(model, backend)
+        if cuda._fused is not None:
+            cuda._fused.fused_mlp = cuda._fused.fused_mlp and fused_mlp
         torch.backends.cuda.preferred_blas_library(blas)
         try:
             cuda.bind(runner.pool, runner.attn)

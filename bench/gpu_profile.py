@@ -34,7 +34,8 @@ PREFIX, QUESTION = 10_000, 100
 # (class, substrings of the kernel name), first match wins: FlashInfer's own kernels before the GEMM
 # patterns (fa3 is built on CUTLASS).
 CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("norm", ("RMSNorm", "Norm")),
+    ("norm", ("RMSNorm", "Norm", "rmsnorm_kernel")),
+    ("fused_mlp", ("gate_up_silu_kernel", "down_partials_kernel")),
     ("rope", ("Rotary", "Rope", "rope")),
     ("activation", ("act_and_mul", "silu", "Silu")),
     ("attention_merge", ("MergeStates", "AttentionSum", "merge_kernel")),

@@ -122,6 +122,21 @@ def configs(n: int, k: int) -> list[tuple[int, int, int, int, int, int]]:
     return out
 
 
+def measured(
+    cfg: tuple[int, ...], run: Callable[[Any], None], weights: list[Any], out: torch.Tensor, ref: torch.Tensor
+) -> dict[str, Any]:
+    """One configuration checked against the reference on the first weight, then timed over all of them;
+    a configuration that does not compile or run is reported with its error."""
+    try:
+        run(weights[0])
+        got = out.float().sum(0) if out.dim() == 3 else out.float()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        us = graph_us(lambda: [run(w) for w in weights])
+    except Exception as exc:
+        return {"config": cfg, "error": str(exc)[:300]}
+    return {"config": cfg, "us": us, "rel_err": err}
+
+
 def shape_figures(name: str, n: int, k: int, use_tma: bool) -> dict[str, Any]:
     x = torch.randn(M, k, dtype=torch.bfloat16, device="cuda")
     weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(LAYERS)]
@@ -144,15 +159,7 @@ def shape_figures(name: str, n: int, k: int, use_tma: bool) -> dict[str, Any]:
                 BM=bm, BN=bn, BK=bk, SPLIT=split, num_stages=stages, num_warps=warps,
             )  # fmt: skip
 
-        try:
-            run(weights[0])
-            got = out.float().sum(0) if split > 1 else out.float()
-            err = ((got - ref).abs().max() / ref.abs().max()).item()
-            us = graph_us(lambda run=run: [run(w) for w in weights])
-        except Exception as exc:  # a config that does not compile is skipped
-            results.append({"config": cfg, "error": str(exc)[:200]})
-            continue
-        results.append({"config": cfg, "us": us, "rel_err": err})
+        results.append(measured(cfg, run, weights, out, ref))
     ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
     tma = []
     if use_tma and ok:
@@ -172,14 +179,7 @@ def shape_figures(name: str, n: int, k: int, use_tma: bool) -> dict[str, Any]:
                     BM=bm, BN=bn, BK=bk, SPLIT=split, num_stages=stages, num_warps=warps,
                 )  # fmt: skip
 
-            try:
-                run_tma(w_descs[0])
-                got = out.float().sum(0) if split > 1 else out.float()
-                err = ((got - ref).abs().max() / ref.abs().max()).item()
-                us = graph_us(lambda run_tma=run_tma, w_descs=w_descs: [run_tma(wd) for wd in w_descs])
-                tma.append({"config": r["config"], "us": us, "rel_err": err})
-            except Exception as exc:
-                tma.append({"config": r["config"], "error": str(exc)[:300]})
+            tma.append(measured(r["config"], run_tma, w_descs, out, ref))
     reduce_us = None
     if ok and ok[0]["config"][3] > 1:
         split = ok[0]["config"][3]

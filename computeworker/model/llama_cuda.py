@@ -13,6 +13,10 @@ SiLU then mul, separate residual adds); this one runs ~10::
     fused_add_rmsnorm(h, residual)
     h = silu_and_mul(h @ Wgate_up) @ Wdown
 
+(Steps of 65-128 rows on Hopper run the MLP as three Triton kernels instead: gate_up with SiLU-and-mul in
+its epilogue, down as split-K partial sums, their reduction folded into the next add + RMSNorm; see
+computeworker/model/fused_mlp.py.)
+
 The residual stream is carried separately and added lazily by the next fused_add_rmsnorm, so no layer
 pays a separate add. Used only for CUDA models in float16/bfloat16 (FlashInfer's kernels); CPU and
 float32 keep the torch path.
@@ -26,6 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from computeworker.model.batch import AttentionBackend, ForwardBatch
+from computeworker.model.fused_mlp import (
+    add_partials_rmsnorm,
+    fused_mlp_applies,
+    fused_mlp_enabled,
+    mlp_partials,
+)
 
 if TYPE_CHECKING:
     from computeworker.model.llama import LlamaModel
@@ -50,6 +60,8 @@ class LlamaCudaForward:
         self.model = model
         self._rope_source: object | None = None
         self._cos_sin = torch.empty(0, model.spec.head_dim, dtype=torch.float32, device=model.device)
+        # Steps of 65-128 rows run the MLP as computeworker/model/fused_mlp.py's three kernels.
+        self.fused_mlp = fused_mlp_enabled()
 
     def reserve_positions(self, num_positions: int) -> None:
         """Build the cos/sin table for positions [0, num_positions) now. A CUDA graph captured after
@@ -82,9 +94,15 @@ class LlamaCudaForward:
         attention.begin(batch)
         fused_rope = getattr(attention, "fuses_rope", False)
         residual = F.embedding(batch.input_ids, model.embed)
+        fuse_mlp = self.fused_mlp and fused_mlp_applies(
+            residual.shape[0], spec.hidden_size, spec.intermediate_size, residual
+        )
+        partials: torch.Tensor | None = None  # the last MLP's unreduced output, when fused
         h = flashinfer.rmsnorm(residual, model.layers[0].input_norm, eps)
         for i, layer in enumerate(model.layers):
-            if i > 0:
+            if partials is not None:
+                h = add_partials_rmsnorm(partials, residual, layer.input_norm, eps)
+            elif i > 0:
                 flashinfer.fused_add_rmsnorm(h, residual, layer.input_norm, eps)
             qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
             q, k, v = qkv.split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
@@ -102,9 +120,18 @@ class LlamaCudaForward:
                 o = attention.forward(i, *heads, kv_pool[i])
             h = F.linear(o.reshape(-1, layer.q_size), layer.o_weight, layer.o_bias)
             flashinfer.fused_add_rmsnorm(h, residual, layer.post_norm, eps)
-            h = F.linear(flashinfer.silu_and_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
-        residual += h
-        if not all_logits:
-            residual = residual.index_select(0, (batch.qo_indptr[1:] - 1).to(torch.long))
-        x = flashinfer.rmsnorm(residual, model.final_norm, eps)
+            if fuse_mlp:
+                partials = mlp_partials(h, layer.gate_up_weight, layer.down_weight)
+            else:
+                h = F.linear(flashinfer.silu_and_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
+        last_rows = None if all_logits else (batch.qo_indptr[1:] - 1).to(torch.long)
+        if partials is not None:  # RMSNorm is per row: normalise every row, then keep the last ones
+            x = add_partials_rmsnorm(partials, residual, model.final_norm, eps)
+            if last_rows is not None:
+                x = x.index_select(0, last_rows)
+        else:
+            residual += h
+            if last_rows is not None:
+                residual = residual.index_select(0, last_rows)
+            x = flashinfer.rmsnorm(residual, model.final_norm, eps)
         return F.linear(x, model.lm_head).float()

@@ -53,8 +53,9 @@ def daemon_reads(monkeypatch: Any) -> set[str]:
 
 def worker_reads(monkeypatch: Any) -> set[str]:
     """`computeworker` options (computeworker/cli.py, computeworker/config.py), the model cache and the
-    CUDA graphs' kernel switch (computeworker/model/rope_store.py)."""
+    CUDA kernel switches (computeworker/model/rope_store.py, computeworker/model/fused_mlp.py)."""
     from computeworker.cli import build_parser
+    from computeworker.model.fused_mlp import fused_mlp_enabled
     from computeworker.model.rope_store import fused_rope_store_enabled
     from shared.default_model import default_cache_dir
 
@@ -62,6 +63,7 @@ def worker_reads(monkeypatch: Any) -> set[str]:
         build_parser()
         default_cache_dir()
         fused_rope_store_enabled(32, 8, 128)
+        fused_mlp_enabled()
 
     return _reads(call, monkeypatch)
 
