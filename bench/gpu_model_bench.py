@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bench.gpu_timing import copy_tbps, host_issue_ms, matmul_tflops, run_metadata, time_ms
+from computeworker.model import triton_pdl
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.extend_graphs import DEFAULT_BACKEND
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
@@ -292,20 +293,25 @@ def graphed_cached_ms(
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()
     runners = {}
-    variants = [(backend, backend, "default", True) for backend in GRAPH_BACKENDS]
-    # the default backend with the MLP as cuBLAS + FlashInfer kernels (computeworker/model/fused_mlp.py off)
-    variants.append((f"{DEFAULT_BACKEND}_unfused_mlp", DEFAULT_BACKEND, "default", False))
+    # (name, attention backend, BLAS library, fused MLP, Triton kernels launched with PDL)
+    variants = [(backend, backend, "default", True, None) for backend in GRAPH_BACKENDS]
+    # the default backend with the MLP as cuBLAS + FlashInfer kernels (computeworker/model/fused_mlp.py off),
+    # and with the Triton kernels launched without PDL (computeworker/model/triton_pdl.py)
+    variants.append((f"{DEFAULT_BACKEND}_unfused_mlp", DEFAULT_BACKEND, "default", False, None))
+    variants.append((f"{DEFAULT_BACKEND}_no_pdl", DEFAULT_BACKEND, "default", True, False))
     if blas_variant:  # the same default backend, with GEMMs chosen by cuBLASLt when the graphs are captured
-        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt", True))
-    for name, backend, blas, fused_mlp in variants:
+        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt", True, None))
+    for name, backend, blas, fused_mlp, pdl in variants:
         cuda = cached_step_runner(model, backend)
         if cuda._fused is not None:
             cuda._fused.fused_mlp = cuda._fused.fused_mlp and fused_mlp
         torch.backends.cuda.preferred_blas_library(blas)
+        triton_pdl.force = pdl
         try:
             cuda.bind(runner.pool, runner.attn)
         finally:
             torch.backends.cuda.preferred_blas_library("default")
+            triton_pdl.force = None
         runners[name] = cuda
     figures: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(2):

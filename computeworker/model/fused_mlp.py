@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from computeworker.model.triton_pdl import pdl_enabled, triton_has_gdc
+
 MIN_ROWS, MAX_ROWS = 65, 128  # one 128-row tile; fewer rows are left to cuBLAS's small-M kernels
 _BM = 128
 _GATE_BN, _GATE_BK, _GATE_STAGES, _GATE_WARPS = 64, 64, 3, 8
@@ -63,11 +65,16 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
     import triton
     import triton.language as tl
 
+    if triton_has_gdc():
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
     @triton.jit
     def gate_up_silu_kernel(
         x_ptr, w_ptr, act_ptr, M, H, INTER, stride_xm, stride_wn, stride_am,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # nothing is read or written before the previous kernel has finished
+            gdc_wait()
         pid_n = tl.program_id(0)
         offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -85,6 +92,8 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
             x_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
+        if PDL:
+            gdc_launch_dependents()
         act = acc_g / (1.0 + tl.exp2(-1.4426950408889634 * acc_g)) * acc_u
         out = act_ptr + offs_m[:, None] * stride_am + offs_n[None, :]
         tl.store(out, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -92,8 +101,10 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
     @triton.jit
     def down_partials_kernel(
         act_ptr, w_ptr, part_ptr, M, K, stride_am, stride_wn, stride_ps, stride_pm,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:
+            gdc_wait()
         pid_n = tl.program_id(0)
         offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
         pid_s = tl.program_id(2)
@@ -109,14 +120,19 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
             acc = tl.dot(a, tl.trans(tl.load(w_ptrs)), acc)
             a_ptrs += BK
             w_ptrs += BK
+        if PDL:
+            gdc_launch_dependents()
         out = part_ptr + pid_s * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :]
         tl.store(out, acc, mask=row_ok[:, None])
 
     @triton.jit
     def add_partials_rmsnorm_kernel(
         part_ptr, residual_ptr, weight_ptr, out_ptr, eps, stride_ps, stride_pm, stride_rm, stride_om,
-        H: tl.constexpr, SPLIT: tl.constexpr,
+        H: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, H)
         x = tl.load(residual_ptr + row * stride_rm + cols).to(tl.float32)
@@ -151,15 +167,17 @@ def mlp_partials(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: tor
     act = torch.empty(num_rows, intermediate, dtype=x.dtype, device=x.device)
     partials = torch.empty(_DOWN_SPLIT, num_rows, hidden, dtype=torch.float32, device=x.device)
     m_tiles = (num_rows + _BM - 1) // _BM
+    pdl = pdl_enabled(x.device)
     with torch.cuda.device(x.device):
         _kernel("gate_up")[(intermediate // _GATE_BN, m_tiles)](  # type: ignore[index]
             x, gate_up_weight, act, num_rows, hidden, intermediate, x.stride(0), gate_up_weight.stride(0),
-            act.stride(0), BM=_BM, BN=_GATE_BN, BK=_GATE_BK, num_stages=_GATE_STAGES, num_warps=_GATE_WARPS,
+            act.stride(0), BM=_BM, BN=_GATE_BN, BK=_GATE_BK, PDL=pdl, num_stages=_GATE_STAGES,
+            num_warps=_GATE_WARPS, launch_pdl=pdl,
         )  # fmt: skip
         _kernel("down")[(hidden // _DOWN_BN, m_tiles, _DOWN_SPLIT)](  # type: ignore[index]
             act, down_weight, partials, num_rows, intermediate, act.stride(0), down_weight.stride(0),
             partials.stride(0), partials.stride(1), BM=_BM, BN=_DOWN_BN, BK=_DOWN_BK, SPLIT=_DOWN_SPLIT,
-            num_stages=_DOWN_STAGES, num_warps=_DOWN_WARPS,
+            PDL=pdl, num_stages=_DOWN_STAGES, num_warps=_DOWN_WARPS, launch_pdl=pdl,
         )  # fmt: skip
     return partials
 
@@ -175,9 +193,10 @@ def add_partials_rmsnorm(
     if hidden & (hidden - 1) or residual.stride(1) != 1 or not partials.is_contiguous():
         raise ValueError("add_partials_rmsnorm needs a power-of-two hidden size and packed rows")
     out = torch.empty_like(residual)
+    pdl = pdl_enabled(residual.device)
     with torch.cuda.device(residual.device):
         _kernel("norm")[(num_rows,)](  # type: ignore[index]
             partials, residual, weight, out, eps, partials.stride(0), partials.stride(1), residual.stride(0),
-            out.stride(0), H=hidden, SPLIT=split, num_warps=8 if hidden >= 4096 else 4,
+            out.stride(0), H=hidden, SPLIT=split, PDL=pdl, num_warps=8 if hidden >= 4096 else 4, launch_pdl=pdl,
         )  # fmt: skip
     return out

@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from computeworker.model.triton_pdl import pdl_enabled, triton_has_gdc
+
 _KERNEL: object | None = None
 
 
@@ -48,13 +50,19 @@ def _kernel() -> object:
     import triton
     import triton.language as tl
 
+    if triton_has_gdc():
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
     @triton.jit
     def rope_store_kernel(
         q_ptr, k_ptr, v_ptr, stride_qt, stride_kt, stride_vt,
         pos_ptr, cos_sin_ptr, rows_ptr, kv_ptr, q_copies_ptr, stride_copy,
         HQ: tl.constexpr, HKV: tl.constexpr, HQ_P: tl.constexpr, HKV_P: tl.constexpr, HALF: tl.constexpr,
-        NUM_COPIES: tl.constexpr,
+        NUM_COPIES: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # computeworker/model/triton_pdl.py: no memory access before the previous kernel is done
+            gdc_wait()
+            gdc_launch_dependents()
         t = tl.program_id(0)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         i = tl.arange(0, HALF)[None, :]
@@ -123,11 +131,12 @@ def rope_and_store(
         if tuple(q_copies.shape[2:]) != (hq, d):
             raise ValueError(f"q_copies heads / dims {tuple(q_copies.shape[2:])} differ from q's ({hq}, {d})")
         num_copies, stride_copy = int(q_copies.shape[0]), int(q_copies.stride(0))
+    pdl = pdl_enabled(q.device)
     # Triton launches on the thread's current device: make it the tensors' (a worker on cuda:1).
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _KERNEL[(t,)](  # type: ignore[index]
             q, k, v, q.stride(0), k.stride(0), v.stride(0),
             positions, cos_sin, rows, kv_layer, q if q_copies is None else q_copies, stride_copy,
             HQ=hq, HKV=hkv, HQ_P=1 << (hq - 1).bit_length(), HKV_P=1 << (hkv - 1).bit_length(),
-            HALF=d // 2, NUM_COPIES=num_copies, num_warps=4,
+            HALF=d // 2, NUM_COPIES=num_copies, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from computeworker.model.triton_pdl import pdl_enabled, triton_has_gdc
+
 _kernel: object | None = None
 
 
@@ -41,12 +43,18 @@ def _build_kernel() -> object:  # pragma: no cover - needs triton and a GPU
     import triton
     import triton.language as tl
 
+    if triton_has_gdc():
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
     @triton.jit
     def merge_kernel(
         chunk_out, chunk_lse, tail_out, tail_lse, num_real_ptr, out, out_row_stride,
         NUM_ROWS: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        NUM_CHUNKS: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+        NUM_CHUNKS: tl.constexpr, BLOCK_HEADS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # computeworker/model/triton_pdl.py: no memory access before the attention is done
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0)
         heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
         vec = heads[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
@@ -94,10 +102,11 @@ def merge_partial_states(
     if out.stride(1) != head_dim or out.stride(2) != 1:
         raise ValueError("out's heads and dims must be packed")
     block_heads = next(b for b in (8, 4, 2, 1) if num_heads % b == 0)
+    pdl = pdl_enabled(out.device)
     with torch.cuda.device(out.device):
         _kernel[(num_rows, num_heads // block_heads)](  # type: ignore[index]
             chunk_out, chunk_lse, tail_out, tail_lse, num_rows_real, out, out.stride(0),
             NUM_ROWS=num_rows, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            NUM_CHUNKS=num_chunks, BLOCK_HEADS=block_heads,
+            NUM_CHUNKS=num_chunks, BLOCK_HEADS=block_heads, PDL=pdl, launch_pdl=pdl,
         )  # fmt: skip
     return out

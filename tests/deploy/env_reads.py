@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 
 class RecordingEnv(dict[str, str]):
     """An empty environment that remembers every key looked up in it."""
@@ -53,10 +55,11 @@ def daemon_reads(monkeypatch: Any) -> set[str]:
 
 def worker_reads(monkeypatch: Any) -> set[str]:
     """`computeworker` options (computeworker/cli.py, computeworker/config.py), the model cache and the
-    CUDA kernel switches (computeworker/model/rope_store.py, computeworker/model/fused_mlp.py)."""
+    CUDA kernel switches (rope_store.py, fused_mlp.py, triton_pdl.py in computeworker/model)."""
     from computeworker.cli import build_parser
     from computeworker.model.fused_mlp import fused_mlp_enabled
     from computeworker.model.rope_store import fused_rope_store_enabled
+    from computeworker.model.triton_pdl import pdl_enabled
     from shared.default_model import default_cache_dir
 
     def call(env: RecordingEnv) -> None:
@@ -64,6 +67,7 @@ def worker_reads(monkeypatch: Any) -> set[str]:
         default_cache_dir()
         fused_rope_store_enabled(32, 8, 128)
         fused_mlp_enabled()
+        pdl_enabled(torch.device("cpu"))
 
     return _reads(call, monkeypatch)
 
