@@ -60,8 +60,10 @@ class LlamaCudaForward:
         self.model = model
         self._rope_source: object | None = None
         self._cos_sin = torch.empty(0, model.spec.head_dim, dtype=torch.float32, device=model.device)
-        # Steps of 65-128 rows run the MLP as computeworker/model/fused_mlp.py's three kernels.
+        # Steps of 65-128 rows run the MLP as computeworker/model/fused_mlp.py's three kernels (which need
+        # packed weights: checked once, on the first step that could use them).
         self.fused_mlp = fused_mlp_enabled()
+        self._mlp_weights_packed: bool | None = None
 
     def reserve_positions(self, num_positions: int) -> None:
         """Build the cos/sin table for positions [0, num_positions) now. A CUDA graph captured after
@@ -94,8 +96,10 @@ class LlamaCudaForward:
         attention.begin(batch)
         fused_rope = getattr(attention, "fuses_rope", False)
         residual = F.embedding(batch.input_ids, model.embed)
-        fuse_mlp = self.fused_mlp and fused_mlp_applies(
-            residual.shape[0], spec.hidden_size, spec.intermediate_size, residual
+        fuse_mlp = (
+            self.fused_mlp
+            and fused_mlp_applies(residual.shape[0], spec.hidden_size, spec.intermediate_size, residual)
+            and self._mlp_weights_are_packed()
         )
         partials: torch.Tensor | None = None  # the last MLP's unreduced output, when fused
         h = flashinfer.rmsnorm(residual, model.layers[0].input_norm, eps)
@@ -135,3 +139,11 @@ class LlamaCudaForward:
                 residual = residual.index_select(0, last_rows)
             x = flashinfer.rmsnorm(residual, model.final_norm, eps)
         return F.linear(x, model.lm_head).float()
+
+    def _mlp_weights_are_packed(self) -> bool:
+        if self._mlp_weights_packed is None:
+            self._mlp_weights_packed = all(
+                layer.gate_up_weight.is_contiguous() and layer.down_weight.is_contiguous()
+                for layer in self.model.layers
+            )
+        return self._mlp_weights_packed
