@@ -87,6 +87,8 @@ class GraphAttention:
         self._shape = shape
         self._strided_q = strided_q
         self._out = out
+        # Where forward_with_rope's kernel writes the rotated q instead of q itself (None: in place).
+        self._rope_q_copies: torch.Tensor | None = None
         # Read by the fused forward: when True it calls forward_with_rope instead of RoPE + forward.
         self.fuses_rope = fused_rope_store_enabled(shape.num_qo_heads, shape.num_kv_heads, shape.head_dim)
 
@@ -103,9 +105,13 @@ class GraphAttention:
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
     ) -> torch.Tensor:
-        """forward() for q / k before RoPE: one kernel rotates q in place and writes rotated K and V
-        into the pool (computeworker.model.rope_store), then the attention runs."""
-        rope_and_store(q, k, v, positions, cos_sin, self._kv_rows, kv_layer)
+        """forward() for q / k before RoPE: one kernel rotates q (in place, or into `_rope_q_copies`) and
+        writes rotated K and V into the pool (computeworker.model.rope_store), then the attention runs."""
+        rope_and_store(q, k, v, positions, cos_sin, self._kv_rows, kv_layer, q_copies=self._rope_q_copies)
+        return self._attend_rotated(q, kv_layer)
+
+    def _attend_rotated(self, q: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
+        """The attention after forward_with_rope's kernel (a subclass whose q lives in copies overrides it)."""
         return self._attend(q, kv_layer)
 
     def forward(

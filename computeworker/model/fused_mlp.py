@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from computeworker.model.triton_pdl import pdl_enabled, triton_has_gdc
+from computeworker.model.triton_pdl import gdc_functions, pdl_enabled
 
 MIN_ROWS, MAX_ROWS = 65, 128  # one 128-row tile; fewer rows are left to cuBLAS's small-M kernels
 _BM = 128
@@ -65,8 +65,7 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
     import triton
     import triton.language as tl
 
-    if triton_has_gdc():
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    gdc_wait, gdc_launch_dependents = gdc_functions()
 
     @triton.jit
     def gate_up_silu_kernel(

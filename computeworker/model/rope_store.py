@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from computeworker.model.triton_pdl import pdl_enabled, triton_has_gdc
+from computeworker.model.triton_pdl import gdc_functions, pdl_enabled
 
 _KERNEL: object | None = None
 
@@ -50,8 +50,7 @@ def _kernel() -> object:
     import triton
     import triton.language as tl
 
-    if triton_has_gdc():
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    gdc_wait, gdc_launch_dependents = gdc_functions()
 
     @triton.jit
     def rope_store_kernel(

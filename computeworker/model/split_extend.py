@@ -29,7 +29,6 @@ import torch
 
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.cuda_graphs import GraphAttention
-from computeworker.model.rope_store import rope_and_store
 from computeworker.model.split_merge import merge_partial_states
 from computeworker.model.split_plan import split_layout
 
@@ -218,22 +217,13 @@ class SplitGraphAttention(GraphAttention):
         super().__init__(split, kv_rows, shape, strided_q=True, out=out)
         self._split = split
         self._out_buf = out  # GraphAttention keeps it as optional; here it is always given
+        self._rope_q_copies = split.q_copies  # the fused path's RoPE writes q straight into the copies
 
-    def forward_with_rope(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_layer: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-    ) -> torch.Tensor:
-        rope_and_store(q, k, v, positions, cos_sin, self._kv_rows, kv_layer, q_copies=self._split.q_copies)
+    def _attend_rotated(self, q: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
         return self._split.attend(kv_layer, self._out_buf)
 
     def _attend(self, q: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
         copies = self._split.q_copies
         t = q.shape[0]
         copies[:, :t].copy_(q.reshape(1, t, *copies.shape[2:]).expand(copies.shape[0], -1, -1, -1))
-        return self._split.attend(kv_layer, self._out_buf)
+        return self._attend_rotated(q, kv_layer)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from computeworker.model.triton_pdl import pdl_enabled, triton_has_gdc
+from computeworker.model.triton_pdl import gdc_functions, pdl_enabled
 
 _kernel: object | None = None
 
@@ -43,8 +43,7 @@ def _build_kernel() -> object:  # pragma: no cover - needs triton and a GPU
     import triton
     import triton.language as tl
 
-    if triton_has_gdc():
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    gdc_wait, gdc_launch_dependents = gdc_functions()
 
     @triton.jit
     def merge_kernel(

@@ -32,6 +32,16 @@ def triton_has_gdc() -> bool:
     return True
 
 
+def gdc_functions() -> tuple[object, object]:
+    """(gdc_wait, gdc_launch_dependents) for a kernel builder to close over, or (None, None) where Triton
+    lacks them (pdl_enabled is then False, and kernels compile the PDL=False branch that never calls them)."""
+    if not triton_has_gdc():
+        return None, None
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    return gdc_wait, gdc_launch_dependents
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Whether Triton kernels on `device` are launched with PDL."""
     if force is not None:
