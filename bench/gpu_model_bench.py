@@ -24,6 +24,7 @@ from computeworker.model import triton_pdl
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.extend_graphs import DEFAULT_BACKEND
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
+from computeworker.model.fused_mlp import TILES, ShortStepTiles
 from computeworker.model.llama import LlamaModel
 from computeworker.model.llama_cuda import LlamaCudaForward
 from shared.model_spec import ModelSpec, spec_from_hf_config
@@ -197,6 +198,8 @@ def model_figures(
     copy_ceiling_tbps: float,
     paths: tuple[str, ...] = ("model", "torch_path"),
     blas_variant: bool = False,
+    swept_tiles: ShortStepTiles | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
     """Both forward paths on one model: `model` (LlamaCudaForward, fused kernels) and `torch_path`
     (LlamaModel.forward as wired, the torch ops)."""
@@ -206,7 +209,9 @@ def model_figures(
     for key, fused in (("model", True), ("torch_path", False)):
         if key not in paths:
             continue
-        result[key] = path_figures(spec, model, fused, matmul_ceiling_tflops, copy_ceiling_tbps, blas_variant)
+        result[key] = path_figures(
+            spec, model, fused, matmul_ceiling_tflops, copy_ceiling_tbps, blas_variant, swept_tiles, quick
+        )
         print(json.dumps({key: result[key]}), file=sys.stderr, flush=True)
     return result
 
@@ -218,23 +223,28 @@ def path_figures(
     matmul_ceiling_tflops: float,
     copy_ceiling_tbps: float,
     blas_variant: bool = False,
+    swept_tiles: ShortStepTiles | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
+    """The figures of one forward path; `quick` keeps the cold 10,100-token forward and the cached graph
+    step only."""
     runner = Runner(spec, model, max_tokens=10_100 + PAGE, fused=fused)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, spec.vocab_size, (10_100,), generator=gen)
 
-    cold8k_ms = runner.time_forward(tokens[:8192], 0, reps=5)
+    nan = float("nan")
     cold8k_flops = model_flops(spec, 8192, 8192)
-    matmul8k_ms = matmul_only_ms(spec, model, 8192)
+    cold8k_ms = nan if quick else runner.time_forward(tokens[:8192], 0, reps=5)
+    matmul8k_ms = nan if quick else matmul_only_ms(spec, model, 8192)
     cold10k_ms = runner.time_forward(tokens, 0, reps=5)
     runner.forward(tokens[:10_000], 0)  # the prefix's K/V in its pages, as a cache hit finds them
-    cached_ms = runner.time_forward(tokens[10_000:], 10_000, reps=20)
-    cached_issue_ms = host_issue_ms(lambda: runner.forward(tokens[10_000:], 10_000))
-    host_costs = host_costs_us(spec, runner)
-    graphed = graphed_cached_ms(model, runner, tokens, blas_variant) if fused else None
+    cached_ms = nan if quick else runner.time_forward(tokens[10_000:], 10_000, reps=20)
+    cached_issue_ms = nan if quick else host_issue_ms(lambda: runner.forward(tokens[10_000:], 10_000))
+    host_costs = None if quick else host_costs_us(spec, runner)
+    graphed = graphed_cached_ms(model, runner, tokens, blas_variant, swept_tiles) if fused else None
     chunked = (
         {backend: chunked_prefill_ms(model, runner, tokens, backend) for backend in ("fa2", "auto")}
-        if fused
+        if fused and not quick
         else None
     )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
@@ -285,26 +295,41 @@ def cached_step_runner(model: LlamaModel, backend: str) -> CudaModelRunner:
 
 
 def graphed_cached_ms(
-    model: LlamaModel, runner: Runner, tokens: torch.Tensor, blas_variant: bool = False
+    model: LlamaModel,
+    runner: Runner,
+    tokens: torch.Tensor,
+    blas_variant: bool = False,
+    swept_tiles: ShortStepTiles | None = None,
+    rounds: int = 3,
 ) -> dict[str, list[float]]:
     """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph, per extend
     attention backend (the default "auto" and "fa2"; with blas_variant also "auto" captured with
-    cuBLASLt as torch's BLAS library), measured alternately twice each in one process."""
+    cuBLASLt as torch's BLAS library; with swept_tiles also "auto" with those Triton GEMM tiles), measured
+    alternately `rounds` times each in one process."""
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()
     runners = {}
-    # (name, attention backend, BLAS library, fused MLP, Triton kernels launched with PDL)
-    variants = [(backend, backend, "default", True, None) for backend in GRAPH_BACKENDS]
+    # (name, attention backend, BLAS library, fused MLP, fused o projection, Triton kernels launched with PDL,
+    # Triton GEMM tiles)
+    variants = [(backend, backend, "default", True, True, None, TILES) for backend in GRAPH_BACKENDS]
     # the default backend with the MLP as cuBLAS + FlashInfer kernels (computeworker/model/fused_mlp.py off),
-    # and with the Triton kernels launched without PDL (computeworker/model/triton_pdl.py)
-    variants.append((f"{DEFAULT_BACKEND}_unfused_mlp", DEFAULT_BACKEND, "default", False, None))
-    variants.append((f"{DEFAULT_BACKEND}_no_pdl", DEFAULT_BACKEND, "default", True, False))
+    # with the output projection on cuBLAS, and with the Triton kernels launched without PDL
+    # (computeworker/model/triton_pdl.py)
+    variants.append((f"{DEFAULT_BACKEND}_unfused_mlp", DEFAULT_BACKEND, "default", False, False, None, TILES))
+    variants.append((f"{DEFAULT_BACKEND}_cublas_o", DEFAULT_BACKEND, "default", True, False, None, TILES))
+    variants.append((f"{DEFAULT_BACKEND}_no_pdl", DEFAULT_BACKEND, "default", True, True, False, TILES))
     if blas_variant:  # the same default backend, with GEMMs chosen by cuBLASLt when the graphs are captured
-        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt", True, None))
-    for name, backend, blas, fused_mlp, pdl in variants:
+        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt", True, True, None, TILES))
+    if swept_tiles is not None:
+        variants.append(
+            (f"{DEFAULT_BACKEND}_swept_tiles", DEFAULT_BACKEND, "default", True, True, None, swept_tiles)
+        )
+    for name, backend, blas, fused_mlp, fused_o, pdl, tiles in variants:
         cuda = cached_step_runner(model, backend)
         if cuda._fused is not None:
             cuda._fused.fused_mlp = cuda._fused.fused_mlp and fused_mlp
+            cuda._fused.fused_o_proj = fused_o
+            cuda._fused.tiles = tiles
         torch.backends.cuda.preferred_blas_library(blas)
         triton_pdl.force = pdl
         try:
@@ -314,7 +339,7 @@ def graphed_cached_ms(
             triton_pdl.force = None
         runners[name] = cuda
     figures: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(2):
+    for _ in range(rounds):
         for backend, cuda in runners.items():
 
             def step(cuda=cuda) -> torch.Tensor:
@@ -376,12 +401,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="also time the cached graph captured with cuBLASLt GEMMs",
     )
+    parser.add_argument(
+        "--tiles-from",
+        type=Path,
+        help="a bench/fused_mlp_bench.py result: also time the graph with its best tiles",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the cold 10,100-token forward and the graphs only"
+    )
     args = parser.parse_args(argv)
+    swept = None
+    if args.tiles_from is not None and args.tiles_from.exists():
+        from bench.fused_mlp_bench import tiles_from
+
+        swept = tiles_from(args.tiles_from)
     ceilings = {"matmul_bf16_tflops": matmul_tflops(), "copy_tbps": copy_tbps()}
     result: dict[str, Any] = {"meta": run_metadata(), "ceilings": ceilings}
     paths = tuple(args.paths.split(","))
     result.update(
-        model_figures(ceilings["matmul_bf16_tflops"], ceilings["copy_tbps"], paths, args.cublaslt_variant)
+        model_figures(
+            ceilings["matmul_bf16_tflops"],
+            ceilings["copy_tbps"],
+            paths,
+            args.cublaslt_variant,
+            swept,
+            args.quick,
+        )
     )
     text = json.dumps(result, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ PREFIX, QUESTION = 10_000, 100
 # patterns (fa3 is built on CUTLASS).
 CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ("RMSNorm", "Norm", "rmsnorm_kernel")),
-    ("fused_mlp", ("gate_up_silu_kernel", "down_partials_kernel")),
+    ("triton_gemm", ("gate_up_silu", "linear_partials")),
     ("rope", ("Rotary", "Rope", "rope")),
     ("activation", ("act_and_mul", "silu", "Silu")),
     ("attention_merge", ("MergeStates", "AttentionSum", "merge_kernel")),
@@ -68,16 +68,24 @@ def kernel_table(prof: profile, since_us: float, num_steps: int) -> dict[str, An
         by_class[kernel_class(name)] += end - start
         by_name[name][0] += end - start
         by_name[name][1] += 1
-    busy, last_end = 0.0, float("-inf")
-    for _, start, end in sorted(kernels, key=lambda k: k[1]):
+    busy, last_end, last_class = 0.0, float("-inf"), ""
+    # Idle GPU time before each kernel, by (class of the kernel that ran last, class of this one).
+    gaps: dict[str, float] = defaultdict(float)
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
         busy += max(0.0, end - max(start, last_end))
-        last_end = max(last_end, end)
+        if last_end > float("-inf") and start > last_end:
+            gaps[f"{last_class} > {kernel_class(name)}"] += start - last_end
+        if end >= last_end:
+            last_end, last_class = end, kernel_class(name)
     span = max(k[2] for k in kernels) - min(k[1] for k in kernels)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
     return {
         "num_kernels_per_step": len(kernels) / num_steps,
         "busy_us_per_step": busy / num_steps,
         "span_us_per_step": span / num_steps,
+        "idle_us_per_step_by_transition": {
+            t: round(g / num_steps, 1) for t, g in sorted(gaps.items(), key=lambda x: -x[1])[:16]
+        },
         "class_us_per_step": {
             c: round(t / num_steps, 1) for c, t in sorted(by_class.items(), key=lambda x: -x[1])
         },

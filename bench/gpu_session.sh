@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the wheelhouse, compile FlashInfer's kernels in parallel, then run the
-# steps named as arguments (tests, kernels, model, serve, profile, attention, gemm), teeing every log to $OUT.
+# steps named as arguments (tests, kernels, model, serve, profile, attention, gemm, mlp), teeing every log to $OUT.
 #   bash bench/gpu_session.sh tests kernels
 #   SERVE_ARGS="--clients 64" bash bench/gpu_session.sh serve     (bench/serve_bench.py, full stack)
 #   TEST_PATHS="tests/gpu/test_extend_split.py" bash bench/gpu_session.sh tests profile   (some tests; the
@@ -39,6 +39,7 @@ for step in "$@"; do
     attention) python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
     model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" ;;
     gemm) python3 bench/gemm_bench.py --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
+    mlp) python3 bench/fused_mlp_bench.py --out "$OUT/fused_mlp.json" ${MLP_ARGS:-} 2>&1 | tee "$OUT/mlp.log" ;;
     structured) python3 -m bench.structured_bench --out "$OUT/structured.json" ${STRUCTURED_ARGS:-} 2>&1 | tee "$OUT/structured.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

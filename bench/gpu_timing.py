@@ -38,6 +38,27 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20, inner:
     return statistics.median(times)
 
 
+def graph_us(fn: Callable[[], object], calls: int, reps: int = 20) -> float:
+    """Median us per call of `fn` (which makes `calls` calls, e.g. one GEMM per layer over distinct
+    weights) captured in one CUDA graph and replayed `reps` times."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def host_issue_ms(fn: Callable[[], object], reps: int = 10) -> float:
     """Median host milliseconds to enqueue one call of `fn` (no wait for the GPU): when it is close to the
     device time, the call is bound by Python and kernel launches, not by the GPU."""

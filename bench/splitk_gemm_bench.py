@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.gpu_timing import copy_tbps, run_metadata
+from bench.gpu_timing import copy_tbps, graph_us, run_metadata
 
 M = 128
 LAYERS = 32
@@ -88,26 +87,6 @@ def reduce_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexp
     tl.store(out_ptr + offs, acc.to(tl.bfloat16))
 
 
-def graph_us(fn: Callable[[], None], reps: int = 20) -> float:
-    """Median us per GEMM of `fn` (LAYERS GEMMs) captured in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / LAYERS)
-    return statistics.median(times)
-
-
 def configs(n: int, k: int) -> list[tuple[int, int, int, int, int, int]]:
     """(BM, BN, BK, SPLIT, stages, warps) with 120-600 CTAs that fit shared memory."""
     out = []
@@ -131,7 +110,7 @@ def measured(
         run(weights[0])
         got = out.float().sum(0) if out.dim() == 3 else out.float()
         err = ((got - ref).abs().max() / ref.abs().max()).item()
-        us = graph_us(lambda: [run(w) for w in weights])
+        us = graph_us(lambda: [run(w) for w in weights], LAYERS)
     except Exception as exc:
         return {"config": cfg, "error": str(exc)[:300]}
     return {"config": cfg, "us": us, "rel_err": err}
@@ -142,7 +121,7 @@ def shape_figures(name: str, n: int, k: int, use_tma: bool) -> dict[str, Any]:
     weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(LAYERS)]
     outs = [torch.empty(M, n, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
     torch_us = graph_us(
-        lambda: [torch.nn.functional.linear(x, w, out=o) for w, o in zip(weights, outs, strict=True)]
+        lambda: [torch.nn.functional.linear(x, w, out=o) for w, o in zip(weights, outs, strict=True)], LAYERS
     )
     ref = torch.nn.functional.linear(x, weights[0]).float()
     parts = torch.empty(16 * M * n, dtype=torch.float32, device="cuda")
@@ -186,7 +165,8 @@ def shape_figures(name: str, n: int, k: int, use_tma: bool) -> dict[str, Any]:
         p = parts[: split * M * n]
         block = 1024
         reduce_us = graph_us(
-            lambda: [reduce_kernel[(M * n // block,)](p, o, M * n, SPLIT=split, BLOCK=block) for o in outs]
+            lambda: [reduce_kernel[(M * n // block,)](p, o, M * n, SPLIT=split, BLOCK=block) for o in outs],
+            LAYERS,
         )
     weight_mb = n * k * 2 / 1e6
     return {

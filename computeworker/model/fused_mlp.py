@@ -25,6 +25,7 @@ divide the tiles. `RADIXKV_FUSED_MLP=0` turns it off.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -32,8 +33,50 @@ from computeworker.model.triton_pdl import gdc_functions, pdl_enabled
 
 MIN_ROWS, MAX_ROWS = 65, 128  # one 128-row tile; fewer rows are left to cuBLAS's small-M kernels
 _BM = 128
-_GATE_BN, _GATE_BK, _GATE_STAGES, _GATE_WARPS = 64, 64, 3, 8
-_DOWN_BN, _DOWN_BK, _DOWN_SPLIT, _DOWN_STAGES, _DOWN_WARPS = 64, 128, 2, 4, 4
+
+
+@dataclass(frozen=True)
+class GateUpTiles:
+    """gate_up_silu's launch: `bn` gate columns and the `bn` matching up columns per CTA, `bk` of the hidden
+    size per step, `stages` of software pipelining, `warps` per CTA, TMA (tensor descriptor) loads or
+    pointer loads, and Triton's warp specialization of the main loop (TMA only)."""
+
+    bn: int = 64
+    bk: int = 64
+    stages: int = 3
+    warps: int = 8
+    tma: bool = False
+    warp_specialize: bool = False
+
+
+@dataclass(frozen=True)
+class SplitKTiles:
+    """A split-K partial GEMM's launch: `bn` output columns per CTA, `bk` per step, the K dimension cut into
+    `split` slices (one fp32 partial sum each), pipelining, warps, TMA or pointer loads."""
+
+    bn: int = 64
+    bk: int = 128
+    split: int = 2
+    stages: int = 4
+    warps: int = 4
+    tma: bool = False
+    warp_specialize: bool = False
+
+    def fits(self, n: int, k: int) -> bool:
+        return n % self.bn == 0 and k % (self.split * self.bk) == 0
+
+
+@dataclass(frozen=True)
+class ShortStepTiles:
+    """The launches of a short step's Triton GEMMs: gate_up + SiLU, the down projection, the output
+    projection (bench/fused_mlp_bench.py sweeps them; bench/results/gpu_notes.md has the figures)."""
+
+    gate_up: GateUpTiles = GateUpTiles(tma=True)
+    down: SplitKTiles = SplitKTiles()
+    o_proj: SplitKTiles = SplitKTiles()
+
+
+TILES = ShortStepTiles()
 _kernels: dict[str, object] = {}
 
 
@@ -46,7 +89,9 @@ def fused_mlp_enabled() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fused_mlp_applies(num_rows: int, hidden: int, intermediate: int, x: torch.Tensor) -> bool:
+def fused_mlp_applies(
+    num_rows: int, hidden: int, intermediate: int, x: torch.Tensor, tiles: ShortStepTiles = TILES
+) -> bool:
     """Whether a step of `num_rows` rows with these sizes runs the fused MLP on x's device and dtype."""
     return (
         MIN_ROWS <= num_rows <= MAX_ROWS
@@ -54,10 +99,9 @@ def fused_mlp_applies(num_rows: int, hidden: int, intermediate: int, x: torch.Te
         and x.dtype in (torch.bfloat16, torch.float16)
         and torch.cuda.get_device_capability(x.device)[0] >= 9
         and hidden & (hidden - 1) == 0  # the norm kernel holds a whole row
-        and hidden % _GATE_BK == 0
-        and hidden % _DOWN_BN == 0
-        and intermediate % _GATE_BN == 0
-        and intermediate % (_DOWN_SPLIT * _DOWN_BK) == 0
+        and hidden % tiles.gate_up.bk == 0
+        and intermediate % tiles.gate_up.bn == 0
+        and tiles.down.fits(hidden, intermediate)
     )
 
 
@@ -66,6 +110,12 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
     import triton.language as tl
 
     gdc_wait, gdc_launch_dependents = gdc_functions()
+
+    @triton.jit
+    def silu_mul_store(acc_g, acc_u, act_ptr, offs_m, offs_n, row_ok, stride_am):
+        act = acc_g / (1.0 + tl.exp2(-1.4426950408889634 * acc_g)) * acc_u
+        out = act_ptr + offs_m[:, None] * stride_am + offs_n[None, :]
+        tl.store(out, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def gate_up_silu_kernel(
@@ -93,13 +143,31 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
             u_ptrs += BK
         if PDL:
             gdc_launch_dependents()
-        act = acc_g / (1.0 + tl.exp2(-1.4426950408889634 * acc_g)) * acc_u
-        out = act_ptr + offs_m[:, None] * stride_am + offs_n[None, :]
-        tl.store(out, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None])
+        silu_mul_store(acc_g, acc_u, act_ptr, offs_m, offs_n, row_ok, stride_am)
 
     @triton.jit
-    def down_partials_kernel(
-        act_ptr, w_ptr, part_ptr, M, K, stride_am, stride_wn, stride_ps, stride_pm,
+    def gate_up_silu_tma_kernel(
+        x_desc, w_desc, act_ptr, M, H, INTER, stride_am,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr, WS: tl.constexpr,
+    ):  # fmt: skip
+        if PDL:
+            gdc_wait()
+        pid_n = tl.program_id(0)
+        m0 = tl.program_id(1) * BM
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in tl.range(0, H, BK, warp_specialize=WS):
+            a = x_desc.load([m0, k])
+            acc_g = tl.dot(a, w_desc.load([pid_n * BN, k]).T, acc_g)
+            acc_u = tl.dot(a, w_desc.load([INTER + pid_n * BN, k]).T, acc_u)
+        if PDL:
+            gdc_launch_dependents()
+        offs_m = m0 + tl.arange(0, BM)
+        silu_mul_store(acc_g, acc_u, act_ptr, offs_m, pid_n * BN + tl.arange(0, BN), offs_m < M, stride_am)
+
+    @triton.jit
+    def linear_partials_kernel(
+        x_ptr, w_ptr, part_ptr, M, K, stride_xm, stride_wn, stride_ps, stride_pm,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         if PDL:
@@ -111,18 +179,46 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_k = pid_s * k_per + tl.arange(0, BK)
         row_ok = offs_m < M
-        a_ptrs = act_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for _ in range(0, k_per, BK):
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
             acc = tl.dot(a, tl.trans(tl.load(w_ptrs)), acc)
-            a_ptrs += BK
+            x_ptrs += BK
             w_ptrs += BK
         if PDL:
             gdc_launch_dependents()
         out = part_ptr + pid_s * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :]
         tl.store(out, acc, mask=row_ok[:, None])
+
+    @triton.jit
+    def linear_partials_tma_kernel(
+        x_desc, w_desc, part_ptr, M, K, stride_ps, stride_pm,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+        WS: tl.constexpr,
+    ):  # fmt: skip
+        if PDL:
+            gdc_wait()
+        pid_n = tl.program_id(0)
+        m0 = tl.program_id(1) * BM
+        pid_s = tl.program_id(2)
+        k_per = K // SPLIT
+        k0 = pid_s * k_per
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in tl.range(0, k_per, BK, warp_specialize=WS):
+            acc = tl.dot(x_desc.load([m0, k0 + k]), w_desc.load([pid_n * BN, k0 + k]).T, acc)
+        if PDL:
+            gdc_launch_dependents()
+        offs_m = m0 + tl.arange(0, BM)
+        out = (
+            part_ptr
+            + pid_s * stride_ps
+            + offs_m[:, None] * stride_pm
+            + pid_n * BN
+            + tl.arange(0, BN)[None, :]
+        )
+        tl.store(out, acc, mask=(offs_m < M)[:, None])
 
     @triton.jit
     def add_partials_rmsnorm_kernel(
@@ -142,7 +238,13 @@ def _build() -> None:  # pragma: no cover - needs triton and a GPU
         w = tl.load(weight_ptr + cols).to(tl.float32)
         tl.store(out_ptr + row * stride_om + cols, (x * rrms * w).to(out_ptr.dtype.element_ty))
 
-    _kernels.update(gate_up=gate_up_silu_kernel, down=down_partials_kernel, norm=add_partials_rmsnorm_kernel)
+    _kernels.update(
+        gate_up=gate_up_silu_kernel,
+        gate_up_tma=gate_up_silu_tma_kernel,
+        partials=linear_partials_kernel,
+        partials_tma=linear_partials_tma_kernel,
+        norm=add_partials_rmsnorm_kernel,
+    )
 
 
 def _kernel(name: str) -> object:
@@ -151,11 +253,84 @@ def _kernel(name: str) -> object:
     return _kernels[name]
 
 
-def mlp_partials(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+def _descriptor(t: torch.Tensor, block: list[int], warp_specialize: bool) -> object:
+    """A host-side TMA descriptor of `t` in `block` tiles (passed by value: valid inside CUDA graphs)."""
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if warp_specialize and not getattr(_descriptor, "allocator_set", False):
+        # warp-specialized kernels ask Triton's allocator for a global scratch buffer at launch
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _descriptor.allocator_set = True  # type: ignore[attr-defined]
+    return TensorDescriptor.from_tensor(t, block)
+
+
+def gate_up_silu(
+    x: torch.Tensor, gate_up_weight: torch.Tensor, tiles: GateUpTiles = TILES.gate_up
+) -> torch.Tensor:
+    """silu(x Wg^T) * (x Wu^T) [M, I] in x's dtype, from fp32 accumulators (gate_up_weight [2I, H] =
+    [Wg; Wu]). Needs `fused_mlp_applies`-sized operands, contiguous, on one device."""
+    num_rows, hidden = x.shape
+    intermediate = gate_up_weight.shape[0] // 2
+    act = torch.empty(num_rows, intermediate, dtype=x.dtype, device=x.device)
+    grid = (intermediate // tiles.bn, (num_rows + _BM - 1) // _BM)
+    pdl = pdl_enabled(x.device)
+    launch = dict(num_stages=tiles.stages, num_warps=tiles.warps, launch_pdl=pdl)
+    ws = tiles.warp_specialize
+    with torch.cuda.device(x.device):
+        if tiles.tma:
+            _kernel("gate_up_tma")[grid](  # type: ignore[index]
+                _descriptor(x, [_BM, tiles.bk], ws), _descriptor(gate_up_weight, [tiles.bn, tiles.bk], ws), act,
+                num_rows, hidden, intermediate, act.stride(0), BM=_BM, BN=tiles.bn, BK=tiles.bk, PDL=pdl,
+                WS=ws, **launch,
+            )  # fmt: skip
+        else:
+            _kernel("gate_up")[grid](  # type: ignore[index]
+                x, gate_up_weight, act, num_rows, hidden, intermediate, x.stride(0), gate_up_weight.stride(0),
+                act.stride(0), BM=_BM, BN=tiles.bn, BK=tiles.bk, PDL=pdl, **launch,
+            )  # fmt: skip
+    return act
+
+
+def linear_partials(x: torch.Tensor, weight: torch.Tensor, tiles: SplitKTiles) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T as `tiles.split` fp32 partial sums [S, M, N] (split-K without its
+    reduction: the consumer, add_partials_rmsnorm, sums them). Needs tiles.fits(N, K), contiguous operands."""
+    num_rows, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or not tiles.fits(n, k):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} in tiles {tiles}")
+    if not (x.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("linear_partials needs contiguous operands")
+    partials = torch.empty(tiles.split, num_rows, n, dtype=torch.float32, device=x.device)
+    grid = (n // tiles.bn, (num_rows + _BM - 1) // _BM, tiles.split)
+    pdl = pdl_enabled(x.device)
+    launch = dict(num_stages=tiles.stages, num_warps=tiles.warps, launch_pdl=pdl)
+    ws = tiles.warp_specialize
+    with torch.cuda.device(x.device):
+        if tiles.tma:
+            _kernel("partials_tma")[grid](  # type: ignore[index]
+                _descriptor(x, [_BM, tiles.bk], ws), _descriptor(weight, [tiles.bn, tiles.bk], ws), partials, num_rows,
+                k, partials.stride(0), partials.stride(1), BM=_BM, BN=tiles.bn, BK=tiles.bk, SPLIT=tiles.split,
+                PDL=pdl, WS=ws, **launch,
+            )  # fmt: skip
+        else:
+            _kernel("partials")[grid](  # type: ignore[index]
+                x, weight, partials, num_rows, k, x.stride(0), weight.stride(0), partials.stride(0),
+                partials.stride(1), BM=_BM, BN=tiles.bn, BK=tiles.bk, SPLIT=tiles.split, PDL=pdl, **launch,
+            )  # fmt: skip
+    return partials
+
+
+def mlp_partials(
+    x: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    tiles: ShortStepTiles = TILES,
+) -> torch.Tensor:
     """The MLP of x [M, H] without its final reduction: fp32 partial sums [S, M, H] whose sum over S is
     silu(x Wg^T) * (x Wu^T) Wd^T (gate_up_weight [2I, H] = [Wg; Wu], down_weight [H, I]). Needs
     `fused_mlp_applies`; all operands contiguous on one device."""
-    num_rows, hidden = x.shape
+    hidden = x.shape[1]
     intermediate = down_weight.shape[1]
     if gate_up_weight.shape != (2 * intermediate, hidden) or down_weight.shape != (hidden, intermediate):
         raise ValueError(
@@ -163,22 +338,7 @@ def mlp_partials(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: tor
         )
     if not (x.is_contiguous() and gate_up_weight.is_contiguous() and down_weight.is_contiguous()):
         raise ValueError("the fused MLP needs contiguous operands")
-    act = torch.empty(num_rows, intermediate, dtype=x.dtype, device=x.device)
-    partials = torch.empty(_DOWN_SPLIT, num_rows, hidden, dtype=torch.float32, device=x.device)
-    m_tiles = (num_rows + _BM - 1) // _BM
-    pdl = pdl_enabled(x.device)
-    with torch.cuda.device(x.device):
-        _kernel("gate_up")[(intermediate // _GATE_BN, m_tiles)](  # type: ignore[index]
-            x, gate_up_weight, act, num_rows, hidden, intermediate, x.stride(0), gate_up_weight.stride(0),
-            act.stride(0), BM=_BM, BN=_GATE_BN, BK=_GATE_BK, PDL=pdl, num_stages=_GATE_STAGES,
-            num_warps=_GATE_WARPS, launch_pdl=pdl,
-        )  # fmt: skip
-        _kernel("down")[(hidden // _DOWN_BN, m_tiles, _DOWN_SPLIT)](  # type: ignore[index]
-            act, down_weight, partials, num_rows, intermediate, act.stride(0), down_weight.stride(0),
-            partials.stride(0), partials.stride(1), BM=_BM, BN=_DOWN_BN, BK=_DOWN_BK, SPLIT=_DOWN_SPLIT,
-            PDL=pdl, num_stages=_DOWN_STAGES, num_warps=_DOWN_WARPS, launch_pdl=pdl,
-        )  # fmt: skip
-    return partials
+    return linear_partials(gate_up_silu(x, gate_up_weight, tiles.gate_up), down_weight, tiles.down)
 
 
 def add_partials_rmsnorm(

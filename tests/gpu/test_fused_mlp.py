@@ -11,7 +11,15 @@ import torch
 
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
-from computeworker.model.fused_mlp import add_partials_rmsnorm, fused_mlp_applies, mlp_partials
+from computeworker.model.fused_mlp import (
+    GateUpTiles,
+    SplitKTiles,
+    add_partials_rmsnorm,
+    fused_mlp_applies,
+    gate_up_silu,
+    linear_partials,
+    mlp_partials,
+)
 from tests.gpu.test_model_gpu import BF16_LOGITS_REL_TOL, model_dir, new_pool, prompt, rel_err
 
 pytestmark = pytest.mark.skipif(
@@ -41,6 +49,36 @@ def test_mlp_partials_match_float64(rows: int, hidden: int, inter: int) -> None:
         torch.nn.functional.silu(x @ gate_up[:inter].T) * (x @ gate_up[inter:].T), down
     )
     assert rel_err(partials.sum(0), expected) <= max(rel_err(unfused, expected) * 1.5, 1e-3)
+
+
+@pytest.mark.parametrize(
+    "tiles",
+    [SplitKTiles(), SplitKTiles(128, 64, 4, 4, 8, tma=True), SplitKTiles(64, 64, 2, 4, 4, tma=True)],
+    ids=["pointer", "tma-split4", "tma-split2"],
+)
+@pytest.mark.parametrize("rows", [65, 100, 128])
+def test_linear_partials_match_float64(tiles: SplitKTiles, rows: int) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 4096, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(1024, 4096, device="cuda", generator=gen) * 4096**-0.5).bfloat16()
+    partials = linear_partials(x, w, tiles)
+    assert partials.shape == (tiles.split, rows, 1024) and partials.dtype == torch.float32
+    expected = x.double() @ w.double().T
+    assert rel_err(partials.sum(0), expected) <= max(
+        rel_err(torch.nn.functional.linear(x, w), expected), 1e-3
+    )
+    with pytest.raises(ValueError, match="does not fit"):
+        linear_partials(x[:, :1000], w[:, :1000], tiles)
+
+
+def test_gate_up_tma_equals_pointer_loads() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(100, 1024, device="cuda", generator=gen).bfloat16()
+    gate_up = (torch.randn(4096, 1024, device="cuda", generator=gen) * 1024**-0.5).bfloat16()
+    pointer = gate_up_silu(x, gate_up, GateUpTiles())
+    tma = gate_up_silu(x, gate_up, GateUpTiles(tma=True))
+    assert pointer.shape == (100, 2048)
+    assert rel_err(tma, pointer) < 1e-2  # the same products; only the accumulation order may differ
 
 
 def test_add_partials_rmsnorm_matches_flashinfer() -> None:
