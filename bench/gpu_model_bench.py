@@ -193,12 +193,21 @@ def host_costs_us(spec: ModelSpec, runner: Runner, q_len: int = 100) -> dict[str
     return {name: host_issue_ms(fn, reps=50) * 1e3 for name, fn in ops.items()}
 
 
+@dataclass(frozen=True)
+class GraphOptions:
+    """Extra variants of the cached graph step: captured with cuBLASLt GEMMs, with other Triton GEMM tiles
+    (a bench/fused_mlp_bench.py result), and how many alternating rounds to time."""
+
+    cublaslt: bool = False
+    tiles: ShortStepTiles | None = None
+    rounds: int = 3
+
+
 def model_figures(
     matmul_ceiling_tflops: float,
     copy_ceiling_tbps: float,
     paths: tuple[str, ...] = ("model", "torch_path"),
-    blas_variant: bool = False,
-    swept_tiles: ShortStepTiles | None = None,
+    options: GraphOptions = GraphOptions(),
     quick: bool = False,
 ) -> dict[str, Any]:
     """Both forward paths on one model: `model` (LlamaCudaForward, fused kernels) and `torch_path`
@@ -210,7 +219,7 @@ def model_figures(
         if key not in paths:
             continue
         result[key] = path_figures(
-            spec, model, fused, matmul_ceiling_tflops, copy_ceiling_tbps, blas_variant, swept_tiles, quick
+            spec, model, fused, matmul_ceiling_tflops, copy_ceiling_tbps, options, quick
         )
         print(json.dumps({key: result[key]}), file=sys.stderr, flush=True)
     return result
@@ -222,8 +231,7 @@ def path_figures(
     fused: bool,
     matmul_ceiling_tflops: float,
     copy_ceiling_tbps: float,
-    blas_variant: bool = False,
-    swept_tiles: ShortStepTiles | None = None,
+    options: GraphOptions = GraphOptions(),
     quick: bool = False,
 ) -> dict[str, Any]:
     """The figures of one forward path; `quick` keeps the cold 10,100-token forward and the cached graph
@@ -241,7 +249,7 @@ def path_figures(
     cached_ms = nan if quick else runner.time_forward(tokens[10_000:], 10_000, reps=20)
     cached_issue_ms = nan if quick else host_issue_ms(lambda: runner.forward(tokens[10_000:], 10_000))
     host_costs = None if quick else host_costs_us(spec, runner)
-    graphed = graphed_cached_ms(model, runner, tokens, blas_variant, swept_tiles) if fused else None
+    graphed = graphed_cached_ms(model, runner, tokens, options) if fused else None
     chunked = (
         {backend: chunked_prefill_ms(model, runner, tokens, backend) for backend in ("fa2", "auto")}
         if fused and not quick
@@ -298,37 +306,31 @@ def graphed_cached_ms(
     model: LlamaModel,
     runner: Runner,
     tokens: torch.Tensor,
-    blas_variant: bool = False,
-    swept_tiles: ShortStepTiles | None = None,
-    rounds: int = 3,
+    options: GraphOptions = GraphOptions(),
 ) -> dict[str, list[float]]:
     """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph, per extend
-    attention backend (the default "auto" and "fa2"; with blas_variant also "auto" captured with
-    cuBLASLt as torch's BLAS library; with swept_tiles also "auto" with those Triton GEMM tiles), measured
-    alternately `rounds` times each in one process."""
+    attention backend (the default "auto" and "fa2"), the default without the fused MLP, without PDL, and
+    the `options` variants (cuBLASLt as torch's BLAS library, other
+    Triton GEMM tiles), measured alternately `options.rounds` times each in one process."""
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()
     runners = {}
-    # (name, attention backend, BLAS library, fused MLP, fused o projection, Triton kernels launched with PDL,
-    # Triton GEMM tiles)
-    variants = [(backend, backend, "default", True, True, None, TILES) for backend in GRAPH_BACKENDS]
+    # (name, attention backend, BLAS library, fused MLP, Triton kernels launched with PDL, fused MLP tiles)
+    variants = [(backend, backend, "default", True, None, TILES) for backend in GRAPH_BACKENDS]
     # the default backend with the MLP as cuBLAS + FlashInfer kernels (computeworker/model/fused_mlp.py off),
-    # with the output projection on cuBLAS, and with the Triton kernels launched without PDL
-    # (computeworker/model/triton_pdl.py)
-    variants.append((f"{DEFAULT_BACKEND}_unfused_mlp", DEFAULT_BACKEND, "default", False, False, None, TILES))
-    variants.append((f"{DEFAULT_BACKEND}_cublas_o", DEFAULT_BACKEND, "default", True, False, None, TILES))
-    variants.append((f"{DEFAULT_BACKEND}_no_pdl", DEFAULT_BACKEND, "default", True, True, False, TILES))
-    if blas_variant:  # the same default backend, with GEMMs chosen by cuBLASLt when the graphs are captured
-        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt", True, True, None, TILES))
-    if swept_tiles is not None:
+    # and with the Triton kernels launched without PDL (computeworker/model/triton_pdl.py)
+    variants.append((f"{DEFAULT_BACKEND}_unfused_mlp", DEFAULT_BACKEND, "default", False, None, TILES))
+    variants.append((f"{DEFAULT_BACKEND}_no_pdl", DEFAULT_BACKEND, "default", True, False, TILES))
+    if options.cublaslt:  # the default backend, its GEMMs chosen by cuBLASLt when the graphs are captured
+        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt", True, None, TILES))
+    if options.tiles is not None:
         variants.append(
-            (f"{DEFAULT_BACKEND}_swept_tiles", DEFAULT_BACKEND, "default", True, True, None, swept_tiles)
+            (f"{DEFAULT_BACKEND}_swept_tiles", DEFAULT_BACKEND, "default", True, None, options.tiles)
         )
-    for name, backend, blas, fused_mlp, fused_o, pdl, tiles in variants:
+    for name, backend, blas, fused_mlp, pdl, tiles in variants:
         cuda = cached_step_runner(model, backend)
         if cuda._fused is not None:
             cuda._fused.fused_mlp = cuda._fused.fused_mlp and fused_mlp
-            cuda._fused.fused_o_proj = fused_o
             cuda._fused.tiles = tiles
         torch.backends.cuda.preferred_blas_library(blas)
         triton_pdl.force = pdl
@@ -339,7 +341,7 @@ def graphed_cached_ms(
             triton_pdl.force = None
         runners[name] = cuda
     figures: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
+    for _ in range(options.rounds):
         for backend, cuda in runners.items():
 
             def step(cuda=cuda) -> torch.Tensor:
@@ -409,6 +411,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--quick", action="store_true", help="the cold 10,100-token forward and the graphs only"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of the cached graph variants"
+    )
     args = parser.parse_args(argv)
     swept = None
     if args.tiles_from is not None and args.tiles_from.exists():
@@ -423,8 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ceilings["matmul_bf16_tflops"],
             ceilings["copy_tbps"],
             paths,
-            args.cublaslt_variant,
-            swept,
+            GraphOptions(args.cublaslt_variant, swept, args.rounds),
             args.quick,
         )
     )

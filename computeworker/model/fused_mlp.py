@@ -8,15 +8,17 @@ short, and each kernel boundary costs the GPU a drain and a ramp. Here::
     act = silu(x @ Wg^T) * (x @ Wu^T)        gate_up_silu: one CTA computes 64 gate and the 64 matching
                                              up columns and writes only their product (no [M, 2I]
                                              intermediate, no separate SiLU kernel)
-    partials[s] = act[:, Ks] @ Wd[:, Ks]^T   down_partials: split-K over S slices of the intermediate,
+    partials[s] = act[:, Ks] @ Wd[:, Ks]^T   linear_partials: split-K over S slices of the intermediate,
                                              fp32 partial sums, no reduction kernel
     x = residual + sum_s partials[s]         add_partials_rmsnorm: the reduction folded into the add +
     residual = x; out = rmsnorm(x) * w       RMSNorm the next layer (or the final norm) runs anyway
 
 Rounding differs from the unfused path only where it gains precision: SiLU-and-mul reads fp32 GEMM
 accumulators instead of bf16-rounded ones, and the down projection reaches the residual add unrounded.
-The tile sizes were measured on an H200 (bench/splitk_gemm_bench.py; bench/results/gpu_notes.md run 63):
-gate_up 64.3 us against cuBLAS's 65.9 us a layer, down 35.9 against 36.3 (cuBLAS's reduction included).
+The tiles (`ShortStepTiles`) were measured on H200s (bench/fused_mlp_bench.py, bench/splitk_gemm_bench.py;
+bench/results/gpu_notes.md runs 63 and 71): gate_up + SiLU with TMA loads (tensor descriptors) 65.9 us a
+layer against 69.5 with pointer loads and 80.5 for cuBLAS + torch's SiLU-and-mul; down 35.9 against
+cuBLAS's 36.3 (its reduction included).
 
 `fused_mlp_applies` says where it runs: CUDA sm90+ with Triton, 65-128 rows, bf16/fp16, and sizes that
 divide the tiles. `RADIXKV_FUSED_MLP=0` turns it off.
@@ -68,12 +70,11 @@ class SplitKTiles:
 
 @dataclass(frozen=True)
 class ShortStepTiles:
-    """The launches of a short step's Triton GEMMs: gate_up + SiLU, the down projection, the output
-    projection (bench/fused_mlp_bench.py sweeps them; bench/results/gpu_notes.md has the figures)."""
+    """The fused MLP's launches: gate_up + SiLU and the down projection (bench/fused_mlp_bench.py sweeps
+    them; bench/results/gpu_notes.md has the figures)."""
 
     gate_up: GateUpTiles = GateUpTiles(tma=True)
     down: SplitKTiles = SplitKTiles()
-    o_proj: SplitKTiles = SplitKTiles()
 
 
 TILES = ShortStepTiles()

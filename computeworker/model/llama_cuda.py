@@ -35,7 +35,6 @@ from computeworker.model.fused_mlp import (
     add_partials_rmsnorm,
     fused_mlp_applies,
     fused_mlp_enabled,
-    linear_partials,
     mlp_partials,
 )
 
@@ -66,11 +65,7 @@ class LlamaCudaForward:
         # packed weights: checked once, on the first step that could use them).
         self.fused_mlp = fused_mlp_enabled()
         self._mlp_weights_packed: bool | None = None
-        # With the fused MLP, the output projection also leaves split-K partial sums, reduced by the
-        # post-attention add + RMSNorm (bias-free, packed o weights whose shape fits the tiles).
-        self.fused_o_proj = True
-        self.tiles = TILES
-        self._o_weights_fit: bool | None = None
+        self.tiles = TILES  # the fused MLP's launches (benchmarks swap them)
 
     def reserve_positions(self, num_positions: int) -> None:
         """Build the cos/sin table for positions [0, num_positions) now. A CUDA graph captured after
@@ -110,7 +105,6 @@ class LlamaCudaForward:
             )
             and self._mlp_weights_are_packed()
         )
-        fuse_o = fuse_mlp and self.fused_o_proj and self._o_weights_fit_tiles()
         partials: torch.Tensor | None = None  # the last MLP's unreduced output, when fused
         h = flashinfer.rmsnorm(residual, model.layers[0].input_norm, eps)
         for i, layer in enumerate(model.layers):
@@ -132,12 +126,8 @@ class LlamaCudaForward:
                     batch.positions, q, k, d, cos_sin, is_neox=True
                 )
                 o = attention.forward(i, *heads, kv_pool[i])
-            if fuse_o:
-                o_partials = linear_partials(o.reshape(-1, layer.q_size), layer.o_weight, self.tiles.o_proj)
-                h = add_partials_rmsnorm(o_partials, residual, layer.post_norm, eps)
-            else:
-                h = F.linear(o.reshape(-1, layer.q_size), layer.o_weight, layer.o_bias)
-                flashinfer.fused_add_rmsnorm(h, residual, layer.post_norm, eps)
+            h = F.linear(o.reshape(-1, layer.q_size), layer.o_weight, layer.o_bias)
+            flashinfer.fused_add_rmsnorm(h, residual, layer.post_norm, eps)
             if fuse_mlp:
                 partials = mlp_partials(h, layer.gate_up_weight, layer.down_weight, self.tiles)
             else:
@@ -161,13 +151,3 @@ class LlamaCudaForward:
                 for layer in self.model.layers
             )
         return self._mlp_weights_packed
-
-    def _o_weights_fit_tiles(self) -> bool:
-        if self._o_weights_fit is None:
-            self._o_weights_fit = all(
-                layer.o_bias is None
-                and layer.o_weight.is_contiguous()
-                and self.tiles.o_proj.fits(*layer.o_weight.shape)
-                for layer in self.model.layers
-            )
-        return self._o_weights_fit
