@@ -7,8 +7,8 @@ cuBLAS, at the 8B shape and 128 rows.
 Each kernel runs once per layer over 32 layers' distinct weights inside one CUDA graph (as in the cached
 step, so the weights come from HBM, not L2), launched with PDL where the card has it. Every configuration
 is checked against a float32 reference on the first layer before it is timed; one that fails to compile
-or run is reported with its error. Configurations: `computeworker.model.fused_mlp.GateUpTiles` /
-`SplitKTiles` (tile width, K step, pipeline stages, warps, TMA or pointer loads, warp specialization).
+or run is reported with its error. Configurations: `computeworker.model.fused_mlp.GemmTiles` (tile width,
+K step, split-K slices, pipeline stages, warps, TMA or pointer loads, warp specialization).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from bench.gpu_timing import copy_tbps, graph_us, run_metadata
 from computeworker.model import fused_mlp
-from computeworker.model.fused_mlp import GateUpTiles, ShortStepTiles, SplitKTiles
+from computeworker.model.fused_mlp import GemmTiles, ShortStepTiles
 
 M, HIDDEN, INTER, LAYERS = 128, 4096, 14336, 32
 
@@ -38,9 +38,9 @@ _GATE_UP_TMA = (
 )  # fmt: skip
 _GATE_UP_WS = ((64, 64, 3, 8), (64, 32, 4, 8), (128, 64, 3, 16))
 GATE_UP_CONFIGS = (
-    [GateUpTiles(*c) for c in _GATE_UP_POINTER]
-    + [GateUpTiles(*c, tma=True) for c in _GATE_UP_TMA]
-    + [GateUpTiles(*c, tma=True, warp_specialize=True) for c in _GATE_UP_WS]
+    [GemmTiles(bn, bk, 1, stages, warps) for bn, bk, stages, warps in _GATE_UP_POINTER]
+    + [GemmTiles(bn, bk, 1, stages, warps, tma=True) for bn, bk, stages, warps in _GATE_UP_TMA]
+    + [GemmTiles(bn, bk, 1, stages, warps, True, True) for bn, bk, stages, warps in _GATE_UP_WS]
 )
 # (tile width, K step, split, stages, warps), pointer and TMA loads. A first version of this sweep also had
 # 256-wide tiles and warp-specialized TMA loops for these kernels; on an H200 (Triton 3.6) one of them never
@@ -50,7 +50,7 @@ _SPLITK_TMA = (
     (64, 128, 2, 4, 4), (64, 64, 2, 6, 4), (128, 128, 4, 3, 8), (128, 64, 4, 4, 8), (128, 64, 4, 5, 8),
     (128, 64, 4, 4, 4), (64, 64, 4, 4, 4), (32, 128, 2, 4, 4), (128, 128, 2, 3, 8),
 )  # fmt: skip
-SPLITK_CONFIGS = [SplitKTiles(*c) for c in _SPLITK_POINTER] + [SplitKTiles(*c, tma=True) for c in _SPLITK_TMA]
+SPLITK_CONFIGS = [GemmTiles(*c) for c in _SPLITK_POINTER] + [GemmTiles(*c, tma=True) for c in _SPLITK_TMA]
 
 
 def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = []
         for gr in top_gate:
             for dr in top_down:
-                gt, dt = GateUpTiles(**gr["config"]), SplitKTiles(**dr["config"])
+                gt, dt = GemmTiles(**gr["config"]), GemmTiles(**dr["config"])
                 both = ShortStepTiles(gt, dt)
                 row = timed(
                     gt,
@@ -195,7 +195,7 @@ def best_config(result: dict[str, Any], part: str) -> dict[str, Any] | None:
 def tiles_from(path: Path) -> ShortStepTiles:
     """The sweep's best tiles (its `best_tiles`), for a benchmark variant that runs them."""
     best = json.loads(path.read_text())["best_tiles"]
-    return ShortStepTiles(GateUpTiles(**best["gate_up"]), SplitKTiles(**best["down"]))
+    return ShortStepTiles(GemmTiles(**best["gate_up"]), GemmTiles(**best["down"]))
 
 
 if __name__ == "__main__":

@@ -38,33 +38,22 @@ _BM = 128
 
 
 @dataclass(frozen=True)
-class GateUpTiles:
-    """gate_up_silu's launch: `bn` gate columns and the `bn` matching up columns per CTA, `bk` of the hidden
-    size per step, `stages` of software pipelining, `warps` per CTA, TMA (tensor descriptor) loads or
-    pointer loads, and Triton's warp specialization of the main loop (TMA only)."""
+class GemmTiles:
+    """One Triton GEMM launch: `bn` output columns per CTA (gate_up: `bn` gate columns and the `bn` matching
+    up columns), `bk` of K per step, K cut into `split` slices with one fp32 partial sum each (split-K;
+    gate_up takes 1), `stages` of software pipelining, `warps` per CTA, TMA (tensor descriptor) or pointer
+    loads, and Triton's warp specialization of the main loop (TMA only)."""
 
     bn: int = 64
     bk: int = 64
+    split: int = 1
     stages: int = 3
     warps: int = 8
     tma: bool = False
     warp_specialize: bool = False
 
-
-@dataclass(frozen=True)
-class SplitKTiles:
-    """A split-K partial GEMM's launch: `bn` output columns per CTA, `bk` per step, the K dimension cut into
-    `split` slices (one fp32 partial sum each), pipelining, warps, TMA or pointer loads."""
-
-    bn: int = 64
-    bk: int = 128
-    split: int = 2
-    stages: int = 4
-    warps: int = 4
-    tma: bool = False
-    warp_specialize: bool = False
-
     def fits(self, n: int, k: int) -> bool:
+        """Whether an [M, K] x [N, K]^T GEMM is a whole number of tiles and K steps per slice."""
         return n % self.bn == 0 and k % (self.split * self.bk) == 0
 
 
@@ -73,8 +62,8 @@ class ShortStepTiles:
     """The fused MLP's launches: gate_up + SiLU and the down projection (bench/fused_mlp_bench.py sweeps
     them; bench/results/gpu_notes.md has the figures)."""
 
-    gate_up: GateUpTiles = GateUpTiles(tma=True)
-    down: SplitKTiles = SplitKTiles()
+    gate_up: GemmTiles = GemmTiles(tma=True)
+    down: GemmTiles = GemmTiles(bk=128, split=2, stages=4, warps=4)
 
 
 TILES = ShortStepTiles()
@@ -100,8 +89,8 @@ def fused_mlp_applies(
         and x.dtype in (torch.bfloat16, torch.float16)
         and torch.cuda.get_device_capability(x.device)[0] >= 9
         and hidden & (hidden - 1) == 0  # the norm kernel holds a whole row
-        and hidden % tiles.gate_up.bk == 0
-        and intermediate % tiles.gate_up.bn == 0
+        and tiles.gate_up.fits(intermediate, hidden)
+        and tiles.gate_up.split == 1
         and tiles.down.fits(hidden, intermediate)
     )
 
@@ -266,17 +255,26 @@ def _descriptor(t: torch.Tensor, block: list[int], warp_specialize: bool) -> obj
     return TensorDescriptor.from_tensor(t, block)
 
 
+def _launch_options(tiles: GemmTiles, device: torch.device) -> tuple[bool, dict[str, object]]:
+    """(PDL on, Triton launch options) of a GEMM launch with `tiles` on `device`."""
+    pdl = pdl_enabled(device)
+    return pdl, {"num_stages": tiles.stages, "num_warps": tiles.warps, "launch_pdl": pdl}
+
+
 def gate_up_silu(
-    x: torch.Tensor, gate_up_weight: torch.Tensor, tiles: GateUpTiles = TILES.gate_up
+    x: torch.Tensor, gate_up_weight: torch.Tensor, tiles: GemmTiles = TILES.gate_up
 ) -> torch.Tensor:
     """silu(x Wg^T) * (x Wu^T) [M, I] in x's dtype, from fp32 accumulators (gate_up_weight [2I, H] =
     [Wg; Wu]). Needs `fused_mlp_applies`-sized operands, contiguous, on one device."""
     num_rows, hidden = x.shape
     intermediate = gate_up_weight.shape[0] // 2
+    if tiles.split != 1 or not tiles.fits(intermediate, hidden):
+        raise ValueError(
+            f"gate_up {tuple(gate_up_weight.shape)} / x {tuple(x.shape)} do not fit tiles {tiles}"
+        )
     act = torch.empty(num_rows, intermediate, dtype=x.dtype, device=x.device)
     grid = (intermediate // tiles.bn, (num_rows + _BM - 1) // _BM)
-    pdl = pdl_enabled(x.device)
-    launch = dict(num_stages=tiles.stages, num_warps=tiles.warps, launch_pdl=pdl)
+    pdl, launch = _launch_options(tiles, x.device)
     ws = tiles.warp_specialize
     with torch.cuda.device(x.device):
         if tiles.tma:
@@ -293,7 +291,7 @@ def gate_up_silu(
     return act
 
 
-def linear_partials(x: torch.Tensor, weight: torch.Tensor, tiles: SplitKTiles) -> torch.Tensor:
+def linear_partials(x: torch.Tensor, weight: torch.Tensor, tiles: GemmTiles) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T as `tiles.split` fp32 partial sums [S, M, N] (split-K without its
     reduction: the consumer, add_partials_rmsnorm, sums them). Needs tiles.fits(N, K), contiguous operands."""
     num_rows, k = x.shape
@@ -304,8 +302,7 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, tiles: SplitKTiles) -
         raise ValueError("linear_partials needs contiguous operands")
     partials = torch.empty(tiles.split, num_rows, n, dtype=torch.float32, device=x.device)
     grid = (n // tiles.bn, (num_rows + _BM - 1) // _BM, tiles.split)
-    pdl = pdl_enabled(x.device)
-    launch = dict(num_stages=tiles.stages, num_warps=tiles.warps, launch_pdl=pdl)
+    pdl, launch = _launch_options(tiles, x.device)
     ws = tiles.warp_specialize
     with torch.cuda.device(x.device):
         if tiles.tma:

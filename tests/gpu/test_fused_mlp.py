@@ -12,8 +12,8 @@ import torch
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.fused_mlp import (
-    GateUpTiles,
-    SplitKTiles,
+    TILES,
+    GemmTiles,
     add_partials_rmsnorm,
     fused_mlp_applies,
     gate_up_silu,
@@ -53,11 +53,11 @@ def test_mlp_partials_match_float64(rows: int, hidden: int, inter: int) -> None:
 
 @pytest.mark.parametrize(
     "tiles",
-    [SplitKTiles(), SplitKTiles(128, 64, 4, 4, 8, tma=True), SplitKTiles(64, 64, 2, 4, 4, tma=True)],
+    [TILES.down, GemmTiles(128, 64, 4, 4, 8, tma=True), GemmTiles(64, 64, 2, 4, 4, tma=True)],
     ids=["pointer", "tma-split4", "tma-split2"],
 )
 @pytest.mark.parametrize("rows", [65, 100, 128])
-def test_linear_partials_match_float64(tiles: SplitKTiles, rows: int) -> None:
+def test_linear_partials_match_float64(tiles: GemmTiles, rows: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(rows, 4096, device="cuda", generator=gen).bfloat16()
     w = (torch.randn(1024, 4096, device="cuda", generator=gen) * 4096**-0.5).bfloat16()
@@ -75,8 +75,8 @@ def test_gate_up_tma_equals_pointer_loads() -> None:
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(100, 1024, device="cuda", generator=gen).bfloat16()
     gate_up = (torch.randn(4096, 1024, device="cuda", generator=gen) * 1024**-0.5).bfloat16()
-    pointer = gate_up_silu(x, gate_up, GateUpTiles())
-    tma = gate_up_silu(x, gate_up, GateUpTiles(tma=True))
+    pointer = gate_up_silu(x, gate_up, GemmTiles())
+    tma = gate_up_silu(x, gate_up, GemmTiles(tma=True))
     assert pointer.shape == (100, 2048)
     assert rel_err(tma, pointer) < 1e-2  # the same products; only the accumulation order may differ
 
