@@ -278,11 +278,13 @@ def path_figures(
         "cached_speedup": cold10k_ms / cached_ms,
         # CudaModelRunner: the same step replayed from an extend CUDA graph (bucket 128, batch building
         # and plan() included; the default attention backend inside the graph, the better of two runs).
-        "cached_graph_ms": min(graphed[DEFAULT_BACKEND]) if graphed else None,
+        "cached_graph_ms": min(graphed["step_ms"][DEFAULT_BACKEND]) if graphed else None,
         "cached_graph_backend": DEFAULT_BACKEND if fused else None,
-        "cached_graph_speedup": cold10k_ms / min(graphed[DEFAULT_BACKEND]) if graphed else None,
-        # the same step through graphs of each attention backend, alternating (two runs each)
-        "cached_graph_ms_by_backend": graphed,
+        "cached_graph_speedup": cold10k_ms / min(graphed["step_ms"][DEFAULT_BACKEND]) if graphed else None,
+        # the same step through each graph variant, alternating (one figure a round), and its host issue
+        # time (batch build, plan, input copies, graph launches)
+        "cached_graph_ms_by_backend": graphed["step_ms"] if graphed else None,
+        "cached_graph_issue_ms": graphed["issue_ms"] if graphed else None,
         # The 10,100-token prompt cold, in 512-token chunks (the worker's default --prefill-chunk) through
         # the extend graphs (buckets 128/256/512): all-fa2 graphs against "auto" (fa3 above 128 tokens).
         "chunked_prefill_512_ms": chunked,
@@ -302,57 +304,74 @@ def cached_step_runner(model: LlamaModel, backend: str) -> CudaModelRunner:
     )
 
 
+@dataclass(frozen=True)
+class GraphVariant:
+    """One way of capturing the cached step's graph: attention backend, torch's BLAS library, the fused
+    MLP on or off, Triton kernels with or without PDL (None: the default), the fused MLP's tiles."""
+
+    name: str
+    backend: str = DEFAULT_BACKEND
+    blas: str = "default"
+    fused_mlp: bool = True
+    pdl: bool | None = None
+    tiles: ShortStepTiles = TILES
+
+
+def graph_variants(options: GraphOptions) -> list[GraphVariant]:
+    """The default capture and fa2 attention; without the fused MLP (cuBLAS + FlashInfer kernels); without
+    PDL; plus the `options` variants."""
+    variants = [GraphVariant(backend, backend) for backend in GRAPH_BACKENDS]
+    variants.append(GraphVariant(f"{DEFAULT_BACKEND}_unfused_mlp", fused_mlp=False))
+    variants.append(GraphVariant(f"{DEFAULT_BACKEND}_no_pdl", pdl=False))
+    if options.cublaslt:  # the default backend, its GEMMs chosen by cuBLASLt when the graphs are captured
+        variants.append(GraphVariant(f"{DEFAULT_BACKEND}_cublaslt", blas="cublaslt"))
+    if options.tiles is not None:
+        variants.append(GraphVariant(f"{DEFAULT_BACKEND}_swept_tiles", tiles=options.tiles))
+    return variants
+
+
 def graphed_cached_ms(
     model: LlamaModel,
     runner: Runner,
     tokens: torch.Tensor,
     options: GraphOptions = GraphOptions(),
-) -> dict[str, list[float]]:
-    """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph, per extend
-    attention backend (the default "auto" and "fa2"), the default without the fused MLP, without PDL, and
-    the `options` variants (cuBLASLt as torch's BLAS library, other
-    Triton GEMM tiles), measured alternately `options.rounds` times each in one process."""
+) -> dict[str, dict[str, list[float]]]:
+    """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph (batch build
+    included), and the median host ms to issue it, per `graph_variants`, measured alternately
+    `options.rounds` times each in one process: {"step_ms": {variant: [...]}, "issue_ms": {...}}."""
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()
     runners = {}
-    # (name, attention backend, BLAS library, fused MLP, Triton kernels launched with PDL, fused MLP tiles)
-    variants = [(backend, backend, "default", True, None, TILES) for backend in GRAPH_BACKENDS]
-    # the default backend with the MLP as cuBLAS + FlashInfer kernels (computeworker/model/fused_mlp.py off),
-    # and with the Triton kernels launched without PDL (computeworker/model/triton_pdl.py)
-    variants.append((f"{DEFAULT_BACKEND}_unfused_mlp", DEFAULT_BACKEND, "default", False, None, TILES))
-    variants.append((f"{DEFAULT_BACKEND}_no_pdl", DEFAULT_BACKEND, "default", True, False, TILES))
-    if options.cublaslt:  # the default backend, its GEMMs chosen by cuBLASLt when the graphs are captured
-        variants.append((f"{DEFAULT_BACKEND}_cublaslt", DEFAULT_BACKEND, "cublaslt", True, None, TILES))
-    if options.tiles is not None:
-        variants.append(
-            (f"{DEFAULT_BACKEND}_swept_tiles", DEFAULT_BACKEND, "default", True, None, options.tiles)
-        )
-    for name, backend, blas, fused_mlp, pdl, tiles in variants:
-        cuda = cached_step_runner(model, backend)
+    for variant in graph_variants(options):
+        cuda = cached_step_runner(model, variant.backend)
         if cuda._fused is not None:
-            cuda._fused.fused_mlp = cuda._fused.fused_mlp and fused_mlp
-            cuda._fused.tiles = tiles
-        torch.backends.cuda.preferred_blas_library(blas)
-        triton_pdl.force = pdl
+            cuda._fused.fused_mlp = cuda._fused.fused_mlp and variant.fused_mlp
+            cuda._fused.tiles = variant.tiles
+        torch.backends.cuda.preferred_blas_library(variant.blas)
+        triton_pdl.force = variant.pdl
         try:
             cuda.bind(runner.pool, runner.attn)
         finally:
             torch.backends.cuda.preferred_blas_library("default")
             triton_pdl.force = None
-        runners[name] = cuda
-    figures: dict[str, list[float]] = {name: [] for name in runners}
+        runners[variant.name] = cuda
+    figures: dict[str, dict[str, list[float]]] = {
+        "step_ms": {name: [] for name in runners},
+        "issue_ms": {name: [] for name in runners},
+    }
     for _ in range(options.rounds):
-        for backend, cuda in runners.items():
+        for name, cuda in runners.items():
 
             def step(cuda=cuda) -> torch.Tensor:
                 batch = build_forward_batch([SeqChunk(ids, 10_000, pages)], PAGE, "cuda")
                 return cuda.forward(batch, runner.pool, runner.attn)
 
             before = cuda.num_extend_graph_steps
-            figures[backend].append(time_ms(step, warmup=2, reps=20))
-            if cuda.num_extend_graph_steps - before < 20:
+            figures["step_ms"][name].append(time_ms(step, warmup=2, reps=20))
+            figures["issue_ms"][name].append(host_issue_ms(step, reps=10))
+            if cuda.num_extend_graph_steps - before < 30:
                 raise RuntimeError(
-                    f"{backend}: only {cuda.num_extend_graph_steps - before} steps replayed a graph"
+                    f"{name}: only {cuda.num_extend_graph_steps - before} steps replayed a graph"
                 )
     return figures
 

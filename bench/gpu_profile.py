@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.gpu_model_bench import LLAMA3_8B_CONFIG, PAGE, Runner, cached_step_runner, random_model
 from bench.gpu_timing import copy_tbps, run_metadata, time_ms
+from computeworker.model import forward_batch
 from computeworker.model.cuda_runner import CudaModelRunner
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.llama import LlamaModel
@@ -149,6 +153,7 @@ def graph_step_figures(
     return {
         "step_ms": step_ms,
         "replay_back_to_back_ms": replay_ms,
+        "host_phases_us": host_phases_us(cuda, batch),
         "graph_steps": cuda.num_extend_graph_steps,
         "eager_steps": cuda.num_eager_steps,
         "plan_mismatches": cuda._extend.num_plan_mismatches if cuda._extend else None,  # type: ignore[union-attr]
@@ -156,6 +161,54 @@ def graph_step_figures(
         "same_argmax_as_eager": bool(graphed.argmax(-1).eq(eager.argmax(-1)).all()),
         "profile": table,
     }
+
+
+@torch.inference_mode()
+def host_phases_us(cuda: CudaModelRunner, make_batch: Callable[[], Any], reps: int = 50) -> dict[str, float]:
+    """Median host microseconds of each phase of a graphed step, the GPU idle before each step (as in
+    serving, where the step waits for its token): the batch build (its device copy deferred, and made at
+    once with a pageable copy for comparison), the attention plan with the launch-record check, the input
+    staging, the graph launch; plus one small kernel launch and a stream sync for scale."""
+    extend = cuda._extend
+    assert extend is not None
+    phases: dict[str, list[float]] = defaultdict(list)
+
+    def pageable(array: Any, device: Any) -> torch.Tensor:
+        return torch.from_numpy(array).to(device=device)
+
+    scratch = torch.zeros(1, device="cuda")
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        marks = [time.perf_counter()]
+        batch = make_batch()
+        marks.append(time.perf_counter())
+        slot = extend.prepare(batch)  # the attention plan and the launch-record check
+        assert slot is not None
+        marks.append(time.perf_counter())
+        extend._stage_inputs(slot, batch)
+        marks.append(time.perf_counter())
+        slot.graph.replay()  # type: ignore[union-attr]
+        marks.append(time.perf_counter())
+        names = ["build", "plan", "stage_inputs", "graph_launch"]
+        for name, a, b in zip(names, marks[:-1], marks[1:], strict=True):
+            phases[name].append((b - a) * 1e6)
+        phases["total"].append((marks[-1] - marks[0]) * 1e6)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        scratch.add_(1)
+        phases["one_small_kernel"].append((time.perf_counter() - start) * 1e6)
+        start = time.perf_counter()
+        torch.cuda.synchronize()
+        phases["idle_sync"].append((time.perf_counter() - start) * 1e6)
+        original = forward_batch.host_to_device
+        forward_batch.host_to_device = pageable  # type: ignore[assignment]
+        try:
+            start = time.perf_counter()
+            _ = make_batch().device_fields
+            phases["build_pageable"].append((time.perf_counter() - start) * 1e6)
+        finally:
+            forward_batch.host_to_device = original
+    return {name: round(statistics.median(v), 1) for name, v in phases.items()}
 
 
 def eager_profile(runner: Runner, tokens: torch.Tensor) -> dict[str, Any]:
@@ -262,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_profile.json"))
     parser.add_argument("--backends", default="fa2,fa3")
+    parser.add_argument(
+        "--graph-only", action="store_true", help="only the graphed step (no eager profile, no GEMMs alone)"
+    )
     args = parser.parse_args(argv)
     copy = copy_tbps()
     result: dict[str, Any] = {"meta": run_metadata(), "copy_tbps": copy}
@@ -287,14 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     for backend in args.backends.split(","):
-        result[f"graph_{backend}"] = graph_step_figures(model, runner, tokens, backend)
-        fig = result[f"graph_{backend}"]
+        fig = result[f"graph_{backend}"] = graph_step_figures(model, runner, tokens, backend)
         fig["speedup_vs_cold"] = result["cold_10100_ms"] / fig["step_ms"]
         print(json.dumps({backend: fig}, indent=1), flush=True)
-    result["eager_profile"] = eager_profile(runner, tokens)
-    result["kv_write_32_layers"] = kv_write_figures(runner)
-    result["gemm_alone"] = gemm_figures(model, copy * 1e3)
-    print(json.dumps({"gemm_alone": result["gemm_alone"]}, indent=1), flush=True)
+    if not args.graph_only:
+        result["eager_profile"] = eager_profile(runner, tokens)
+        result["kv_write_32_layers"] = kv_write_figures(runner)
+        result["gemm_alone"] = gemm_figures(model, copy * 1e3)
+        print(json.dumps({"gemm_alone": result["gemm_alone"]}, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

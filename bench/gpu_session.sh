@@ -30,17 +30,19 @@ if [ -d .jitcache ]; then
   done
 fi
 python3 bench/gpu_warm.py 2>&1 | tee "$OUT/warm.log"
+# Each step under its own time limit (STEP_TIMEOUT seconds), so one that hangs leaves the rest their time.
+T="timeout ${STEP_TIMEOUT:-590}"
 for step in "$@"; do
   case $step in
-    tests) python3 -m pytest -q -m gpu ${TEST_PATHS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
-    profile) python3 bench/gpu_profile.py --out "$OUT/gpu_profile.json" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" ;;
-    serve) python3 -m bench.serve_bench --out "$OUT/serve_bench.json" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
-    kernels) python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
-    attention) python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
-    model) python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" ;;
-    gemm) python3 bench/gemm_bench.py --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
-    mlp) python3 bench/fused_mlp_bench.py --out "$OUT/fused_mlp.json" ${MLP_ARGS:-} 2>&1 | tee "$OUT/mlp.log" ;;
-    structured) python3 -m bench.structured_bench --out "$OUT/structured.json" ${STRUCTURED_ARGS:-} 2>&1 | tee "$OUT/structured.log" ;;
+    tests) $T python3 -m pytest -q -m gpu ${TEST_PATHS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
+    profile) $T python3 bench/gpu_profile.py --out "$OUT/gpu_profile.json" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" ;;
+    serve) $T python3 -m bench.serve_bench --out "$OUT/serve_bench.json" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
+    kernels) $T python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    attention) $T python3 bench/extend_attention_bench.py --out "$OUT/extend_attention.json" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
+    model) $T python3 bench/gpu_model_bench.py --out "$OUT/gpu_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" ;;
+    gemm) $T python3 bench/gemm_bench.py --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
+    mlp) $T python3 bench/fused_mlp_bench.py --out "$OUT/fused_mlp.json" ${MLP_ARGS:-} 2>&1 | tee "$OUT/mlp.log" ;;
+    structured) $T python3 -m bench.structured_bench --out "$OUT/structured.json" ${STRUCTURED_ARGS:-} 2>&1 | tee "$OUT/structured.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

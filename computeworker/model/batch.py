@@ -12,14 +12,48 @@ The new tokens' K/V go to (write_page_ids[t], write_slots[t]); the backend write
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 
 @dataclass(frozen=True, slots=True)
-class ForwardBatch:
+class HostInputs:
+    """The per-token inputs of a batch as the host built them (integer numpy arrays, the same values as the
+    ForwardBatch's device tensors): CUDA graphs stage them into their own buffers in one copy instead of
+    a chain of small device ops."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    write_page_ids: np.ndarray  # [T]
+    write_slots: np.ndarray  # [T]
+    qo_indptr: np.ndarray  # [B+1]
+    kv_page_ids: np.ndarray  # [P]
+
+    @classmethod
+    def of(cls, batch: ForwardBatch) -> HostInputs:
+        """Read back from the device tensors (waits for them): for batches built without host arrays."""
+
+        def host(t: torch.Tensor) -> np.ndarray:
+            return t.to("cpu", torch.int64).numpy()
+
+        return cls(
+            host(batch.input_ids),
+            host(batch.positions),
+            host(batch.write_page_ids),
+            host(batch.write_slots),
+            host(batch.qo_indptr),
+            host(batch.kv_page_ids),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFields:
+    """A batch's tensors on the device (FlashInfer's conventions, see the module doc)."""
+
     input_ids: torch.Tensor  # [T] int64, the new tokens of every sequence, concatenated
     positions: torch.Tensor  # [T] int64, absolute positions (RoPE)
     qo_indptr: torch.Tensor  # [B+1] int32, cumulative new-token counts
@@ -28,8 +62,112 @@ class ForwardBatch:
     kv_last_page_len: torch.Tensor  # [B] int32, tokens in each sequence's last page (1..page_size)
     write_page_ids: torch.Tensor  # [T] int64, page receiving each new token's K/V
     write_slots: torch.Tensor  # [T] int64, slot within that page
-    q_lens: tuple[int, ...]  # host copies, for backends that loop on the host
-    kv_lens: tuple[int, ...]
+
+
+class ForwardBatch:
+    """One forward pass's batch: the DeviceFields tensors (as attributes), each sequence's new and total
+    token counts on the host, and, where the builder kept them, the host arrays.
+
+    A batch built by build_forward_batch copies its fields to the device only when one is first read
+    (`deferred`): a step replayed from a CUDA graph stages the host arrays into the graph's own buffer
+    and never reads them, so it pays for one host-to-device copy instead of two. Not thread-safe (one
+    compute thread reads it)."""
+
+    __slots__ = ("_device", "_make_device", "host", "kv_lens", "q_lens")
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_page_ids: torch.Tensor,
+        kv_last_page_len: torch.Tensor,
+        write_page_ids: torch.Tensor,
+        write_slots: torch.Tensor,
+        q_lens: tuple[int, ...],
+        kv_lens: tuple[int, ...],
+        host: HostInputs | None = None,
+    ) -> None:
+        self._device: DeviceFields | None = DeviceFields(
+            input_ids,
+            positions,
+            qo_indptr,
+            kv_indptr,
+            kv_page_ids,
+            kv_last_page_len,
+            write_page_ids,
+            write_slots,
+        )
+        self._make_device: Callable[[], DeviceFields] | None = None
+        self.q_lens = q_lens  # host copies, for backends that loop on the host
+        self.kv_lens = kv_lens
+        self.host = host  # the per-token inputs on the host, where the builder kept them
+
+    @classmethod
+    def deferred(
+        cls,
+        make_device: Callable[[], DeviceFields],
+        q_lens: tuple[int, ...],
+        kv_lens: tuple[int, ...],
+        host: HostInputs,
+    ) -> ForwardBatch:
+        """A batch whose device fields `make_device()` creates when one is first read."""
+        batch = cls.__new__(cls)
+        batch._device, batch._make_device = None, make_device
+        batch.q_lens, batch.kv_lens, batch.host = q_lens, kv_lens, host
+        return batch
+
+    @property
+    def device_fields(self) -> DeviceFields:
+        if self._device is None:
+            assert self._make_device is not None
+            self._device, self._make_device = self._make_device(), None
+        return self._device
+
+    def replace(self, **changes: object) -> ForwardBatch:
+        """A copy with some fields (device fields by name, q_lens, kv_lens, host) replaced."""
+        d = self.device_fields
+        values: dict[str, Any] = {f: getattr(d, f) for f in d.__slots__}  # type: ignore[attr-defined]
+        values.update(q_lens=self.q_lens, kv_lens=self.kv_lens, host=self.host)
+        values.update(changes)
+        return ForwardBatch(**values)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.device_fields.input_ids
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.device_fields.positions
+
+    @property
+    def qo_indptr(self) -> torch.Tensor:
+        return self.device_fields.qo_indptr
+
+    @property
+    def kv_indptr(self) -> torch.Tensor:
+        return self.device_fields.kv_indptr
+
+    @property
+    def kv_page_ids(self) -> torch.Tensor:
+        return self.device_fields.kv_page_ids
+
+    @property
+    def kv_last_page_len(self) -> torch.Tensor:
+        return self.device_fields.kv_last_page_len
+
+    @property
+    def write_page_ids(self) -> torch.Tensor:
+        return self.device_fields.write_page_ids
+
+    @property
+    def write_slots(self) -> torch.Tensor:
+        return self.device_fields.write_slots
+
+    @property
+    def host_inputs(self) -> HostInputs:
+        return self.host if self.host is not None else HostInputs.of(self)
 
     @property
     def num_seqs(self) -> int:
@@ -37,7 +175,7 @@ class ForwardBatch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
+        return sum(self.q_lens)
 
     @property
     def is_decode(self) -> bool:

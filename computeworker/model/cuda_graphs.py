@@ -4,7 +4,8 @@ A decode step of the 8B model is ~400 kernel launches; issued one by one from Py
 time than the GPU needs to run them. A graph replays them with one launch. What a graph bakes in, and
 therefore what must stay put between capture and replay:
 
-    static inputs   input_ids [bs], positions [bs], K/V write rows [bs]          (copied in per step)
+    static inputs   input_ids [bs], positions [bs], K/V write rows [bs]    (staged per step in one
+                                                                            transfer: graph_inputs)
     attention       a FlashInfer decode wrapper in CUDA-graph mode with fixed indptr / indices /
                     last-page-len buffers; plan() runs on the host before each replay and rewrites them
     the pool        pool[layer] addresses: a new pool mapping needs a new capture
@@ -27,6 +28,7 @@ import torch
 
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
 from computeworker.model.batch import ForwardBatch
+from computeworker.model.graph_inputs import GraphInputs
 from computeworker.model.rope_store import fused_rope_store_enabled, rope_and_store
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,8 @@ class _Slot:
 
     batch_size: int
     wrapper: object  # flashinfer.BatchDecodeWithPagedKVCacheWrapper (CUDA-graph mode)
-    batch: ForwardBatch  # static inputs the graph reads
-    kv_rows: torch.Tensor  # [bs, 2] int64 rows of kv_layer.view(-1, heads, dim) receiving K and V
+    batch: ForwardBatch  # static inputs the graph reads (input_ids and positions are views of `inputs`)
+    inputs: GraphInputs  # staged per step in one transfer
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
 
@@ -195,9 +197,10 @@ class DecodeGraphs:
                     paged_kv_last_page_len_buffer=torch.zeros(bs, **i32),
                 )
                 zeros = torch.zeros(bs, dtype=torch.int64, device=device)
+                inputs = GraphInputs(bs, 0, device)
                 batch = ForwardBatch(
-                    input_ids=zeros.clone(),
-                    positions=zeros.clone(),
+                    input_ids=inputs.input_ids,
+                    positions=inputs.positions,
                     qo_indptr=torch.arange(bs + 1, **i32),
                     kv_indptr=torch.arange(bs + 1, **i32),
                     kv_page_ids=torch.zeros(bs, **i32),
@@ -207,8 +210,7 @@ class DecodeGraphs:
                     q_lens=(1,) * bs,
                     kv_lens=(1,) * bs,
                 )
-                kv_rows = torch.zeros((bs, 2), dtype=torch.int64, device=device)
-                self._slots[bs] = _Slot(bs, wrapper, batch, kv_rows)
+                self._slots[bs] = _Slot(bs, wrapper, batch, inputs)
 
     @property
     def max_batch_size(self) -> int:
@@ -232,7 +234,7 @@ class DecodeGraphs:
         side = torch.cuda.Stream(self._attention.device)
         for bs in sorted(self.batch_sizes, reverse=True):  # largest first: the others reuse its memory
             slot = self._slots[bs]
-            attn = GraphAttention(slot.wrapper, slot.kv_rows, self.shape)
+            attn = GraphAttention(slot.wrapper, slot.inputs.kv_rows, self.shape)
             self._plan(slot, (1,) * bs, slot.batch.kv_page_ids)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -264,17 +266,7 @@ class DecodeGraphs:
         if pad:
             page_ids = torch.cat((page_ids, page_ids[:1].expand(pad)))
         self._plan(slot, batch.kv_lens + (1,) * pad, page_ids)
-        static = slot.batch
-        static.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        static.positions[:n].copy_(batch.positions, non_blocking=True)
-        ps = self.shape.page_size
-        k_rows, v_rows = slot.kv_rows[:, 0], slot.kv_rows[:, 1]
-        torch.add(batch.write_slots, batch.write_page_ids, alpha=2 * ps, out=k_rows[:n])
-        if pad:
-            static.input_ids[n:].zero_()
-            static.positions[n:].zero_()
-            k_rows[n:].copy_(k_rows[:1].expand(pad))
-        torch.add(k_rows, ps, out=v_rows)
+        slot.inputs.load(batch.host_inputs, self.shape.page_size)
         slot.graph.replay()
         return slot.logits[:n]
 

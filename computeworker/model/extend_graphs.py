@@ -4,7 +4,9 @@ A 100-token question over a 10k-token cached prefix on the 8B model needs ~3.5 m
 the GPU, but ~400 launches issued from Python cost ~7 ms of host time: eager, the step is host-bound.
 One graph per (number of sequences, padded token count) replays the whole fused forward with one launch.
 
-    static inputs   input_ids [T_pad], positions [T_pad], K/V write rows [T_pad], qo_indptr [n+1]
+    static inputs   input_ids [T_pad], positions [T_pad], K/V write rows [T_pad], qo_indptr [n+1], staged
+                    by the host in one buffer and copied in one transfer (graph_inputs); the graph's
+                    first kernel copies qo_indptr into the int32 buffer the forward reads
     attention       a FlashInfer paged-prefill wrapper in CUDA-graph mode, fixed batch size n, fixed
                     qo / kv indptr, page-id and last-page-len buffers; plan() runs on the host before
                     each replay and rewrites them (and the work schedule in its int workspace)
@@ -63,6 +65,7 @@ import torch
 from computeworker.model.attention_flashinfer import FlashInferAttention, qo_indptr_of
 from computeworker.model.batch import ForwardBatch
 from computeworker.model.cuda_graphs import ForwardFn, GraphAttention
+from computeworker.model.graph_inputs import GraphInputs
 from computeworker.model.split_extend import SplitExtendAttention, SplitGraphAttention
 from computeworker.model.split_plan import split_chunks_for
 
@@ -151,8 +154,8 @@ class _Slot:
     num_tokens: int  # the bucket: rows the graph computes
     backend: str  # "fa2", "fa3" or "fa3-split"
     wrapper: object  # a CUDA-graph-mode FlashInfer paged-prefill wrapper, or a SplitExtendAttention
-    batch: ForwardBatch  # static inputs the graph reads
-    kv_rows: torch.Tensor  # [num_tokens, 2] int64 rows of kv_layer.view(-1, heads, dim) receiving K and V
+    batch: ForwardBatch  # static inputs the graph reads: views of `inputs`, and qo_indptr (int32)
+    inputs: GraphInputs  # staged per step; extra = qo_indptr, copied into batch.qo_indptr inside the graph
     out: torch.Tensor  # [num_tokens, heads, head_dim] the attention output buffer, shared by all layers
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
@@ -207,21 +210,25 @@ class ExtendGraphs:
                         backend, num_tokens, bs, self.shape.num_qo_heads, device
                     )
                     wrapper: object
-                    if slot_backend == "fa3-split":
+                    max_pages = bs * max_pages_per_seq
+                    if slot_backend == "fa3-split":  # its page list is staged with the other inputs
+                        inputs = GraphInputs(num_tokens, bs + 1, device, max_pages=max_pages)
                         wrapper = SplitExtendAttention(  # the tail call takes one of the parts
                             attention,
                             batch_size=bs,
                             num_rows=num_tokens,
                             num_chunks=chunks - 1,
-                            max_pages=bs * max_pages_per_seq,
+                            max_pages=max_pages,
+                            page_ids=inputs.pages,
                         )
                     else:
-                        wrapper = graph_prefill_wrapper(attention, slot_backend, bs, bs * max_pages_per_seq)
+                        inputs = GraphInputs(num_tokens, bs + 1, device)
+                        wrapper = graph_prefill_wrapper(attention, slot_backend, bs, max_pages)
                     zeros = torch.zeros(num_tokens, dtype=torch.int64, device=device)
                     q_lens = (num_tokens - bs + 1,) + (1,) * (bs - 1)  # the capture-time layout
                     batch = ForwardBatch(
-                        input_ids=zeros.clone(),
-                        positions=zeros.clone(),
+                        input_ids=inputs.input_ids,
+                        positions=inputs.positions,
                         qo_indptr=torch.zeros(bs + 1, **i32),
                         kv_indptr=torch.zeros(bs + 1, **i32),
                         kv_page_ids=torch.zeros(1, **i32),
@@ -231,13 +238,12 @@ class ExtendGraphs:
                         q_lens=q_lens,
                         kv_lens=q_lens,
                     )
-                    kv_rows = torch.zeros((num_tokens, 2), dtype=torch.int64, device=device)
                     out = torch.zeros(
                         (num_tokens, self.shape.num_qo_heads, self.shape.head_dim),
                         dtype=attention.dtype,
                         device=device,
                     )
-                    slot = _Slot(bs, num_tokens, slot_backend, wrapper, batch, kv_rows, out)
+                    slot = _Slot(bs, num_tokens, slot_backend, wrapper, batch, inputs, out)
                     self._slots[(bs, num_tokens)] = slot
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -266,24 +272,30 @@ class ExtendGraphs:
             # Capture-time pages cycle through the scratch pool: reading repeats is harmless, and the
             # write rows (all zero here) only ever land in the scratch pool.
             page_ids = torch.arange(num_pages, dtype=torch.int32, device=self._attention.device) % num_scratch
-            s.qo_indptr.copy_(qo_indptr_of(s.q_lens))
+            slot.inputs.extra.copy_(qo_indptr_of(s.q_lens))
             self._plan(slot, s.q_lens, s.kv_lens, page_ids)
             slot.plan_key = plan_launch_key(slot.wrapper)
             attn: GraphAttention
+            kv_rows = slot.inputs.kv_rows
             if isinstance(slot.wrapper, SplitExtendAttention):
-                attn = SplitGraphAttention(slot.wrapper, slot.kv_rows, self.shape, out=slot.out)
+                attn = SplitGraphAttention(slot.wrapper, kv_rows, self.shape, out=slot.out)
             else:
                 # fa2's kernel reads q through its row stride: the q slice of the QKV output needs no copy.
                 attn = GraphAttention(
-                    slot.wrapper, slot.kv_rows, self.shape, strided_q=slot.backend == "fa2", out=slot.out
+                    slot.wrapper, kv_rows, self.shape, strided_q=slot.backend == "fa2", out=slot.out
                 )
+
+            def forward(pool: torch.Tensor, slot: _Slot = slot, attn: GraphAttention = attn) -> torch.Tensor:
+                slot.batch.qo_indptr.copy_(slot.inputs.extra)  # int64 -> int32, inside the graph
+                return self._forward(slot.batch, pool, attn, False)
+
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._forward(s, scratch_pool, attn, False)
+                forward(scratch_pool)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._mempool, stream=side):
-                slot.logits = self._forward(s, self.pool, attn, False)
+                slot.logits = forward(self.pool)
             slot.graph = graph
         torch.cuda.synchronize(self._attention.device)
         seconds = time.perf_counter() - start
@@ -302,6 +314,17 @@ class ExtendGraphs:
         buffer), or None, having written nothing to the pool, when the attention plan for `batch` chose a
         launch configuration other than the captured one (the caller then runs the step eagerly).
         Raises ValueError if `can_run` is False or the graphs were not captured."""
+        slot = self.prepare(batch)
+        if slot is None:
+            return None
+        self._stage_inputs(slot, batch)
+        assert slot.graph is not None and slot.logits is not None
+        slot.graph.replay()
+        return slot.logits
+
+    def prepare(self, batch: ForwardBatch) -> _Slot | None:
+        """The slot whose graph runs `batch`, its attention planned for it; None (counted) when the plan
+        chose a launch configuration other than the captured one. ValueError as for `run`."""
         if not self.can_run(batch):
             raise ValueError("batch does not fit the captured extend graphs")
         n, num_tokens = batch.num_seqs, sum(batch.q_lens)
@@ -310,7 +333,8 @@ class ExtendGraphs:
         slot = self._slots[(n, bucket)]
         if slot.graph is None or slot.logits is None:
             raise ValueError("capture() first")
-        self._plan(slot, batch.q_lens, batch.kv_lens, batch.kv_page_ids)
+        split = isinstance(slot.wrapper, SplitExtendAttention)
+        self._plan(slot, batch.q_lens, batch.kv_lens, None if split else batch.kv_page_ids)
         if plan_launch_key(slot.wrapper) != slot.plan_key:
             self.num_plan_mismatches += 1
             if self.num_plan_mismatches == 1:
@@ -322,28 +346,25 @@ class ExtendGraphs:
                     slot.plan_key,
                 )
             return None
-        static, ps = slot.batch, self.shape.page_size
-        static.qo_indptr.copy_(batch.qo_indptr, non_blocking=True)
-        static.input_ids[:num_tokens].copy_(batch.input_ids, non_blocking=True)
-        static.positions[:num_tokens].copy_(batch.positions, non_blocking=True)
-        k_rows, v_rows = slot.kv_rows[:, 0], slot.kv_rows[:, 1]
-        torch.add(batch.write_slots, batch.write_page_ids, alpha=2 * ps, out=k_rows[:num_tokens])
-        pad = bucket - num_tokens
-        if pad:
-            static.input_ids[num_tokens:].zero_()
-            static.positions[num_tokens:].zero_()
-            k_rows[num_tokens:].copy_(k_rows[:1].expand(pad))
-        torch.add(k_rows, ps, out=v_rows)
-        slot.graph.replay()
-        return slot.logits
+        return slot
+
+    def _stage_inputs(self, slot: _Slot, batch: ForwardBatch) -> None:
+        """Copy `batch`'s inputs (and, for the split attention, its page list) into the slot's static buffers
+        in one transfer, padded as the module doc says."""
+        host = batch.host_inputs
+        pages = host.kv_page_ids if isinstance(slot.wrapper, SplitExtendAttention) else None
+        slot.inputs.load(host, self.shape.page_size, extra=host.qo_indptr, pages=pages)
 
     def _plan(
-        self, slot: _Slot, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor
+        self, slot: _Slot, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor | None
     ) -> None:
-        page_ids = page_ids.to(torch.int32)
+        """Plan the slot's attention for this step; page_ids None (split attention only): they are staged
+        with the inputs."""
         if isinstance(slot.wrapper, SplitExtendAttention):
-            slot.wrapper.plan(q_lens, kv_lens, page_ids)
+            slot.wrapper.plan(q_lens, kv_lens, None if page_ids is None else page_ids.to(torch.int32))
         else:
+            assert page_ids is not None
+            page_ids = page_ids.to(torch.int32)
             self._attention.plan_prefill(slot.wrapper, qo_indptr_of(q_lens), kv_lens, page_ids)
 
 

@@ -1,5 +1,6 @@
 """Build a ForwardBatch from per-sequence chunks. Everything is computed on the host with numpy; the
-fields cross to the device in two copies (one per integer width).
+fields cross to the device in two copies (one per integer width), from pinned memory without waiting
+for the stream (a pageable copy would make the host wait for the GPU's previous step to finish).
 
 One chunk = the new tokens of one sequence, the absolute position of the first of them, and the pages
 holding that sequence (cached prefix first). Only the pages covering start_pos + len(token_ids) positions
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from computeworker.model.batch import ForwardBatch
+from computeworker.model.batch import DeviceFields, ForwardBatch, HostInputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,23 +84,11 @@ def _many_sequences(seqs: Sequence[SeqChunk], page_size: int, device: torch.devi
         first_pages = kv_indptr[:-1][seq_of_token]
     write_page_ids = kv_page_ids[first_pages + positions // page_size]
     write_slots = positions % page_size
-
-    # Two host->device copies instead of eight: each copy has a fixed cost (~30-50 us on a GPU) that
-    # dominated building a small batch. The fields are packed by dtype and handed out as device views.
-    wide = packed_to_device([input_ids, positions, write_page_ids, write_slots], torch.int64, device)
-    narrow = packed_to_device([qo_indptr, kv_indptr, kv_page_ids, kv_last_page_len], torch.int32, device)
-    return ForwardBatch(
-        input_ids=wide[0],
-        positions=wide[1],
-        qo_indptr=narrow[0],
-        kv_indptr=narrow[1],
-        kv_page_ids=narrow[2],
-        kv_last_page_len=narrow[3],
-        write_page_ids=wide[2],
-        write_slots=wide[3],
-        q_lens=tuple(q_lens.tolist()),
-        kv_lens=tuple(kv_lens.tolist()),
+    packed = PackedFields.of(
+        [input_ids, positions, write_page_ids, write_slots],
+        [qo_indptr, kv_indptr, kv_page_ids, kv_last_page_len],
     )
+    return packed.batch(tuple(q_lens.tolist()), tuple(kv_lens.tolist()), device)
 
 
 def _one_sequence(seq: SeqChunk, page_size: int, device: torch.device | str) -> ForwardBatch:
@@ -112,29 +101,75 @@ def _one_sequence(seq: SeqChunk, page_size: int, device: torch.device | str) -> 
         return _many_sequences([seq], page_size, device)  # raises, with the batch path's messages
     positions = np.arange(start, kv_len, dtype=np.int64)
     kv_page_ids = np.asarray(seq.page_ids[:need], dtype=np.int64)
-    wide = np.empty(4 * q_len, dtype=np.int64)  # input_ids | positions | write pages | write slots
+    packed = PackedFields.empty((q_len,) * 4, (2, 2, need, 1))
+    wide, narrow = packed.wide, packed.narrow
     wide[:q_len] = seq.token_ids
     wide[q_len : 2 * q_len] = positions
     wide[2 * q_len : 3 * q_len] = kv_page_ids[positions // page_size]
     wide[3 * q_len :] = positions % page_size
-    narrow = np.empty(2 + 2 + need + 1, dtype=np.int32)  # qo_indptr | kv_indptr | pages | last page len
     narrow[:4] = (0, q_len, 0, need)
     narrow[4 : 4 + need] = kv_page_ids
     narrow[-1] = kv_len - (need - 1) * page_size
-    w = torch.from_numpy(wide).to(device=device)
-    nr = torch.from_numpy(narrow).to(device=device)
-    return ForwardBatch(
-        input_ids=w[:q_len],
-        positions=w[q_len : 2 * q_len],
-        qo_indptr=nr[:2],
-        kv_indptr=nr[2:4],
-        kv_page_ids=nr[4 : 4 + need],
-        kv_last_page_len=nr[4 + need :],
-        write_page_ids=w[2 * q_len : 3 * q_len],
-        write_slots=w[3 * q_len :],
-        q_lens=(q_len,),
-        kv_lens=(kv_len,),
-    )
+    return packed.batch((q_len,), (kv_len,), device)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedFields:
+    """A batch's fields in one int64 host array: input_ids, positions, write pages, write slots (int64),
+    then qo_indptr, kv_indptr, kv_page_ids, kv_last_page_len as int32 two to a word. One copy moves all
+    of it to the device (each copy costs the host a driver call, 30-90 us on the H200 hosts we measured,
+    which dominated building a small batch), and the fields are views of that one tensor."""
+
+    packed: np.ndarray
+    wide_sizes: tuple[int, ...]
+    narrow_sizes: tuple[int, ...]
+
+    @classmethod
+    def empty(cls, wide_sizes: tuple[int, ...], narrow_sizes: tuple[int, ...]) -> PackedFields:
+        num_wide, num_narrow = sum(wide_sizes), sum(narrow_sizes)
+        return cls(np.empty(num_wide + (num_narrow + 1) // 2, dtype=np.int64), wide_sizes, narrow_sizes)
+
+    @classmethod
+    def of(cls, wide: list[np.ndarray], narrow: list[np.ndarray]) -> PackedFields:
+        fields = cls.empty(tuple(a.size for a in wide), tuple(a.size for a in narrow))
+        np.concatenate([np.asarray(a).ravel() for a in wide], out=fields.wide, casting="unsafe")
+        np.concatenate([np.asarray(a).ravel() for a in narrow], out=fields.narrow, casting="unsafe")
+        return fields
+
+    @property
+    def wide(self) -> np.ndarray:
+        return self.packed[: sum(self.wide_sizes)]
+
+    @property
+    def narrow(self) -> np.ndarray:
+        return self.packed[sum(self.wide_sizes) :].view(np.int32)[: sum(self.narrow_sizes)]
+
+    def batch(
+        self, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], device: torch.device | str
+    ) -> ForwardBatch:
+        """The ForwardBatch of these fields, copied to `device` when a device field is first read."""
+        wide = np.split(self.wide, np.cumsum(self.wide_sizes)[:-1])
+        narrow = np.split(self.narrow, np.cumsum(self.narrow_sizes)[:-1])
+        host = HostInputs(wide[0], wide[1], wide[2], wide[3], narrow[0], narrow[2])
+        return ForwardBatch.deferred(lambda: self.to_device(device), q_lens, kv_lens, host)
+
+    def to_device(self, device: torch.device | str) -> DeviceFields:
+        on_device = host_to_device(self.packed, device)
+        num_wide = sum(self.wide_sizes)
+        wide = torch.split(on_device[:num_wide], self.wide_sizes)
+        narrow = torch.split(
+            on_device[num_wide:].view(torch.int32)[: sum(self.narrow_sizes)], self.narrow_sizes
+        )
+        return DeviceFields(
+            input_ids=wide[0],
+            positions=wide[1],
+            qo_indptr=narrow[0],
+            kv_indptr=narrow[1],
+            kv_page_ids=narrow[2],
+            kv_last_page_len=narrow[3],
+            write_page_ids=wide[2],
+            write_slots=wide[3],
+        )
 
 
 def packed_to_device(
@@ -142,8 +177,17 @@ def packed_to_device(
 ) -> list[torch.Tensor]:
     """``parts`` packed into one host array of ``dtype``, copied to ``device`` once, split into views."""
     packed = np.concatenate([np.asarray(a).ravel() for a in parts]).astype(_NUMPY_OF[dtype], copy=False)
-    on_device = torch.from_numpy(packed).to(device=device)
+    on_device = host_to_device(packed, device)
     return list(torch.split(on_device, [a.size for a in parts]))
+
+
+def host_to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """`array` on `device`. To CUDA: staged in pinned memory (torch's caching host allocator, which keeps
+    the block until the copy has run) and copied without blocking the host; elsewhere a plain copy."""
+    host = torch.from_numpy(array)
+    if torch.device(device).type != "cuda":
+        return host.to(device=device)
+    return host.pin_memory().to(device=device, non_blocking=True)
 
 
 _NUMPY_OF = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}

@@ -50,10 +50,13 @@ class SplitExtendAttention:
         num_chunks: int,
         max_pages: int,
         tail_takes_a_chunk: bool = True,
+        page_ids: torch.Tensor | None = None,
     ) -> None:
         """num_chunks: prefix chunks of the chunk call. tail_takes_a_chunk: the causal call also takes one
         more prefix chunk and runs beside the chunk call (a second stream, a parallel branch in a graph)
-        rather than after it (split_plan)."""
+        rather than after it (split_plan). page_ids: the int32 [max_pages] buffer both calls read the
+        batch's page list from (a caller that stages it there itself passes None to `plan`); by default
+        one of its own."""
         import flashinfer
 
         if batch_size < 1 or num_chunks < 1 or num_rows < batch_size or max_pages < batch_size:
@@ -67,7 +70,12 @@ class SplitExtendAttention:
         device, dtype = attention.device, attention.dtype
         self._side = torch.cuda.Stream(device) if tail_takes_a_chunk else None
         i32 = dict(dtype=torch.int32, device=device)
-        self._page_ids = torch.zeros(max_pages, **i32)  # the batch's page list, read by both calls
+        if page_ids is not None and (page_ids.dtype != torch.int32 or page_ids.shape != (max_pages,)):
+            raise ValueError(
+                f"page_ids must be int32 [{max_pages}], got {page_ids.dtype} {tuple(page_ids.shape)}"
+            )
+        # the batch's page list, read by both calls
+        self._page_ids = torch.zeros(max_pages, **i32) if page_ids is None else page_ids
 
         def wrapper(num_seqs: int) -> object:
             return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
@@ -90,6 +98,8 @@ class SplitExtendAttention:
         self._tail_out = torch.zeros((num_rows, heads, dim), dtype=dtype, device=device)
         self._tail_lse = torch.zeros((num_rows, heads), dtype=torch.float32, device=device)
         self._num_rows_real = torch.zeros(1, **i32)
+        self._last_rows_real = -1  # the value in _num_rows_real (a fill is a launch: skipped when equal)
+        self._launch_key: tuple[int, ...] | None = None  # cached until a plan rewrites a plan info
         self._planned = False
         self._scheduled: dict[int, bytes] = {}  # per wrapper: the inputs of the work list in its workspace
 
@@ -97,15 +107,18 @@ class SplitExtendAttention:
     def launch_key(self) -> tuple[int, ...]:
         """Both calls' launch records (FlashInfer's plan info: workspace offsets of the work lists); a
         graph is valid only while it equals the capture's."""
-        chunks = tuple(int(x) for x in self._chunks._plan_info)  # type: ignore[attr-defined]
-        return chunks + tuple(int(x) for x in self._tail._plan_info)  # type: ignore[attr-defined]
+        if self._launch_key is None:  # reading FlashInfer's plan info costs ~30 us: once per new plan
+            chunks = tuple(int(x) for x in self._chunks._plan_info)  # type: ignore[attr-defined]
+            self._launch_key = chunks + tuple(int(x) for x in self._tail._plan_info)  # type: ignore[attr-defined]
+        return self._launch_key
 
-    def plan(self, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor) -> None:
+    def plan(self, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], page_ids: torch.Tensor | None) -> None:
         """Plan both calls for sequences of q_lens new tokens over kv_lens tokens whose pages, in order,
-        are `page_ids` (int32 on the device). ValueError if the batch does not fit."""
+        are `page_ids` (int32 on the device; None: the caller writes them into the page buffer before the
+        calls run). ValueError if the batch does not fit."""
         if len(q_lens) != self.batch_size:
             raise ValueError(f"planned for {self.batch_size} sequences, got {len(q_lens)}")
-        if page_ids.shape[0] > self._page_ids.shape[0]:
+        if page_ids is not None and page_ids.shape[0] > self._page_ids.shape[0]:
             raise ValueError(f"{page_ids.shape[0]} pages exceed the page buffer ({self._page_ids.shape[0]})")
         layout = split_layout(
             q_lens,
@@ -115,8 +128,11 @@ class SplitExtendAttention:
             num_rows=self.num_rows,
             tail_takes_a_chunk=self.tail_takes_a_chunk,
         )
-        self._page_ids[: page_ids.shape[0]].copy_(page_ids, non_blocking=True)
-        self._num_rows_real.fill_(layout.num_rows_real)
+        if page_ids is not None:
+            self._page_ids[: page_ids.shape[0]].copy_(page_ids, non_blocking=True)
+        if layout.num_rows_real != self._last_rows_real:
+            self._num_rows_real.fill_(layout.num_rows_real)
+            self._last_rows_real = layout.num_rows_real
         plan = self._schedule if self._planned else self._first_plan
         plan(self._chunks, layout.chunk_qo_indptr, layout.chunk_kv_start, layout.chunk_kv_len, False)
         plan(self._tail, layout.tail_qo_indptr, layout.tail_kv_start, layout.tail_kv_len, True)
@@ -159,6 +175,7 @@ class SplitExtendAttention:
         """FlashInfer's plan(), which also sets the wrapper up (module, dtypes, scale, row bound)."""
         s, a = self.shape, self._attention
         num_seqs = len(kv_len)
+        self._launch_key = None
         wrapper.plan(  # type: ignore[attr-defined]
             torch.from_numpy(qo_indptr),
             torch.from_numpy(kv_start),  # read as each sequence's first page, not as a cumulative sum
@@ -186,6 +203,7 @@ class SplitExtendAttention:
             return
         s = self.shape
         w = wrapper
+        self._launch_key = None
         w._plan_info = w._cached_module.plan(  # type: ignore[attr-defined]
             w._float_workspace_buffer,  # type: ignore[attr-defined]
             w._int_workspace_buffer,  # type: ignore[attr-defined]

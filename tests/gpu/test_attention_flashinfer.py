@@ -3,7 +3,6 @@ prefill over a cached prefix, cold prefill, decode, partial last pages, scattere
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import pytest
@@ -195,7 +194,7 @@ def test_misuse_raises_value_error() -> None:
     with pytest.raises(ValueError, match="before begin"):
         attn.forward(0, *(torch.empty(0),) * 4)
     batch = make_batch([4], [20], torch.Generator().manual_seed(1))
-    bad = dataclasses.replace(batch, kv_lens=(40,))
+    bad = batch.replace(kv_lens=(40,))
     with pytest.raises(ValueError, match="kv_page_ids holds 2 pages, kv_lens need 3"):
         attn.begin(bad)
 
