@@ -64,6 +64,18 @@ def test_sampling_keeps_its_rate_and_capacity() -> None:
     assert big.rate == 1 / 64 and big.capacity == 156_250
 
 
+def test_sampled_results_are_pinned() -> None:
+    """Exact figures of a sampled run, so that a faster shadow can show it decides bit for bit the same.
+    Page size 1 keeps them independent of how the BLAS library sums a page's tokens."""
+    shadow = ShadowLRU(400, page_size=1, target_pages=40)
+    assert shadow.rate == 0.1 and shadow.capacity == 40
+    prompts = [np.asarray(tokens, np.int32) for tokens in _prompts(5, 2000)]
+    results = [shadow.access(7, tokens, len(tokens) // 2) for tokens in prompts]
+    assert results[:6] == [(1, 0, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 0, 1)]
+    assert np.sum(results, axis=0).tolist() == [4151, 2202, 2507]
+    assert len(shadow) == 40
+
+
 def test_bad_sizes_raise() -> None:
     for args in ((0, 16), (16, 0), (16, 16, 0)):
         with pytest.raises(ValueError):
