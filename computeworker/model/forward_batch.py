@@ -1,6 +1,8 @@
-"""Build a ForwardBatch from per-sequence chunks. Everything is computed on the host with numpy; the
-fields cross to the device in two copies (one per integer width), from pinned memory without waiting
-for the stream (a pageable copy would make the host wait for the GPU's previous step to finish).
+"""Build a ForwardBatch from per-sequence chunks. Everything is computed on the host with numpy into one
+packed int64 array (PackedFields); the batch copies it to the device in one pinned, non-blocking transfer
+when a device field is first read (a pageable copy would make the host wait for the GPU's previous step).
+A step replayed from an extend graph with the split attention reads only the host arrays and never pays
+for that copy (computeworker.model.graph_inputs).
 
 One chunk = the new tokens of one sequence, the absolute position of the first of them, and the pages
 holding that sequence (cached prefix first). Only the pages covering start_pos + len(token_ids) positions
