@@ -64,6 +64,18 @@ class DeviceFields:
     write_slots: torch.Tensor  # [T] int64, slot within that page
 
 
+class _DeviceField:
+    """A ForwardBatch attribute that reads the DeviceFields field of the same name (made on first use)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, batch: ForwardBatch | None, owner: type | None = None) -> torch.Tensor:
+        if batch is None:  # looked up on the class
+            return self  # type: ignore[return-value]
+        return getattr(batch.device_fields, self._name)
+
+
 class ForwardBatch:
     """One forward pass's batch: the DeviceFields tensors (as attributes), each sequence's new and total
     token counts on the host, and, where the builder kept them, the host arrays.
@@ -133,37 +145,14 @@ class ForwardBatch:
         values.update(changes)
         return ForwardBatch(**values)
 
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.device_fields.input_ids
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self.device_fields.positions
-
-    @property
-    def qo_indptr(self) -> torch.Tensor:
-        return self.device_fields.qo_indptr
-
-    @property
-    def kv_indptr(self) -> torch.Tensor:
-        return self.device_fields.kv_indptr
-
-    @property
-    def kv_page_ids(self) -> torch.Tensor:
-        return self.device_fields.kv_page_ids
-
-    @property
-    def kv_last_page_len(self) -> torch.Tensor:
-        return self.device_fields.kv_last_page_len
-
-    @property
-    def write_page_ids(self) -> torch.Tensor:
-        return self.device_fields.write_page_ids
-
-    @property
-    def write_slots(self) -> torch.Tensor:
-        return self.device_fields.write_slots
+    input_ids = _DeviceField()
+    positions = _DeviceField()
+    qo_indptr = _DeviceField()
+    kv_indptr = _DeviceField()
+    kv_page_ids = _DeviceField()
+    kv_last_page_len = _DeviceField()
+    write_page_ids = _DeviceField()
+    write_slots = _DeviceField()
 
     @property
     def host_inputs(self) -> HostInputs:
