@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from computeworker.model.batch import HostInputs
+from computeworker.model.batch import ForwardBatch, HostInputs
 from computeworker.model.forward_batch import SeqChunk, build_forward_batch
 from computeworker.model.graph_inputs import fill_inputs
 
@@ -59,3 +59,22 @@ def test_host_inputs_of_a_hand_built_batch() -> None:
     assert bare.host_inputs.positions.tolist() == [3, 4]
     assert bare.host_inputs.input_ids.dtype == np.int64
     assert torch.equal(bare.input_ids, batch.input_ids)
+
+
+def test_device_fields_are_made_once_and_only_when_read() -> None:
+    """A built batch copies nothing until a device field is read (a graphed step reads none), then once."""
+    built = build_forward_batch([SeqChunk([5, 6, 7], 2, [1, 2])], PAGE, "cpu")
+    calls = []
+
+    def make_device():
+        calls.append(1)
+        return built.device_fields
+
+    batch = ForwardBatch.deferred(make_device, built.q_lens, built.kv_lens, built.host_inputs)
+    assert (batch.num_seqs, batch.num_tokens, batch.is_decode) == (1, 3, False)
+    assert batch.host_inputs.positions.tolist() == [2, 3, 4]
+    assert calls == []
+    assert batch.positions.tolist() == [2, 3, 4]
+    assert batch.kv_page_ids.tolist() == [1, 2] and batch.write_slots.tolist() == [2, 3, 0]
+    assert calls == [1]
+    assert batch.replace(kv_lens=(9,)).kv_lens == (9,) and calls == [1]
