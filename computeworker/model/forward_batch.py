@@ -158,9 +158,9 @@ class PackedFields:
     def to_device(self, device: torch.device | str) -> DeviceFields:
         on_device = host_to_device(self.packed, device)
         num_wide = sum(self.wide_sizes)
-        wide = torch.split(on_device[:num_wide], self.wide_sizes)
+        wide = torch.split(on_device[:num_wide], list(self.wide_sizes))
         narrow = torch.split(
-            on_device[num_wide:].view(torch.int32)[: sum(self.narrow_sizes)], self.narrow_sizes
+            on_device[num_wide:].view(torch.int32)[: sum(self.narrow_sizes)], list(self.narrow_sizes)
         )
         return DeviceFields(
             input_ids=wide[0],
