@@ -161,6 +161,11 @@ class _Slot:
     logits: torch.Tensor | None = None
     plan_key: tuple[int, ...] | None = None  # the capture-time plan's launch record
 
+    @property
+    def stages_pages(self) -> bool:
+        """The split attention reads its page list from `inputs` (staged per step, not planned)."""
+        return isinstance(self.wrapper, SplitExtendAttention)
+
 
 class ExtendGraphs:
     """CUDA graphs of `forward` for prefill steps of a few sequences and few new tokens over one pool.
@@ -333,8 +338,7 @@ class ExtendGraphs:
         slot = self._slots[(n, bucket)]
         if slot.graph is None or slot.logits is None:
             raise ValueError("capture() first")
-        split = isinstance(slot.wrapper, SplitExtendAttention)
-        self._plan(slot, batch.q_lens, batch.kv_lens, None if split else batch.kv_page_ids)
+        self._plan(slot, batch.q_lens, batch.kv_lens, None if slot.stages_pages else batch.kv_page_ids)
         if plan_launch_key(slot.wrapper) != slot.plan_key:
             self.num_plan_mismatches += 1
             if self.num_plan_mismatches == 1:
@@ -352,7 +356,7 @@ class ExtendGraphs:
         """Copy `batch`'s inputs (and, for the split attention, its page list) into the slot's static buffers
         in one transfer, padded as the module doc says."""
         host = batch.host_inputs
-        pages = host.kv_page_ids if isinstance(slot.wrapper, SplitExtendAttention) else None
+        pages = host.kv_page_ids if slot.stages_pages else None
         slot.inputs.load(host, self.shape.page_size, extra=host.qo_indptr, pages=pages)
 
     def _plan(
@@ -360,11 +364,12 @@ class ExtendGraphs:
     ) -> None:
         """Plan the slot's attention for this step; page_ids None (split attention only): they are staged
         with the inputs."""
+        if page_ids is not None:
+            page_ids = page_ids.to(torch.int32)
         if isinstance(slot.wrapper, SplitExtendAttention):
-            slot.wrapper.plan(q_lens, kv_lens, None if page_ids is None else page_ids.to(torch.int32))
+            slot.wrapper.plan(q_lens, kv_lens, page_ids)
         else:
             assert page_ids is not None
-            page_ids = page_ids.to(torch.int32)
             self._attention.plan_prefill(slot.wrapper, qo_indptr_of(q_lens), kv_lens, page_ids)
 
 

@@ -119,8 +119,8 @@ def _one_sequence(seq: SeqChunk, page_size: int, device: torch.device | str) -> 
 class PackedFields:
     """A batch's fields in one int64 host array: input_ids, positions, write pages, write slots (int64),
     then qo_indptr, kv_indptr, kv_page_ids, kv_last_page_len as int32 two to a word. One copy moves all
-    of it to the device (each copy costs the host a driver call, 30-90 us on the H200 hosts we measured,
-    which dominated building a small batch), and the fields are views of that one tensor."""
+    of it to the device (each copy costs the host a driver call, 32-93 us on the H200 hosts we measured,
+    bench/results/gpu_notes.md runs 75-84, which dominated building a small batch), and the fields are views of that one tensor."""
 
     packed: np.ndarray
     wide_sizes: tuple[int, ...]

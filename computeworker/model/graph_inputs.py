@@ -8,8 +8,8 @@ extra: the extend graphs' qo_indptr (E = B+1). Page ids: the batch's page list, 
 it from a buffer of its own (split_extend); only the used part of that region is copied.
 
 Before each replay the host writes the whole buffer into pinned memory with numpy (padding included) and
-issues one asynchronous copy. Each device op costs the host a launch (30-75 us apiece on the H200 hosts
-we measured, bench/results/gpu_notes.md run 75), while numpy on a few hundred integers costs a few
+issues one asynchronous copy. Each device op costs the host a driver call (32-93 us apiece on the H200
+hosts we measured, bench/results/gpu_notes.md runs 75-84), while numpy on a few hundred integers costs a few
 microseconds: the chain of small copies, adds and fills that used to prepare a replay cost more host time
 than the 100-token step's whole batch build.
 
@@ -59,9 +59,8 @@ class GraphInputs:
         fill_inputs(out[: self._fixed], host, self.rows, page_size, extra)
         if pages is not None:
             out[self._fixed :].view(np.int32)[:num_pages] = pages
-        self.buffer[:words].copy_(
-            staged, non_blocking=True
-        )  # the host allocator keeps `staged` until it has run
+        # Non-blocking: torch's caching host allocator keeps `staged` until the copy has run.
+        self.buffer[:words].copy_(staged, non_blocking=True)
 
 
 def fill_inputs(
