@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -281,6 +282,15 @@ def path_figures(
         "cached_graph_ms": min(graphed["step_ms"][DEFAULT_BACKEND]) if graphed else None,
         "cached_graph_backend": DEFAULT_BACKEND if fused else None,
         "cached_graph_speedup": cold10k_ms / min(graphed["step_ms"][DEFAULT_BACKEND]) if graphed else None,
+        # per round: the cold forward and the default graph step timed back to back
+        "cold_10100_ms_by_round": graphed["cold_ms"] if graphed else None,
+        "cached_graph_speedup_by_round": [
+            round(cold / step, 2)
+            for cold, step in zip(graphed["cold_ms"], graphed["step_ms"][DEFAULT_BACKEND], strict=True)
+        ]
+        if graphed
+        else None,
+        "round_start_unix": graphed["round_start_unix"] if graphed else None,
         # the same step through each graph variant, alternating (one figure a round), and its host issue
         # time (batch build, plan, input copies, graph launches)
         "cached_graph_ms_by_backend": graphed["step_ms"] if graphed else None,
@@ -335,10 +345,12 @@ def graphed_cached_ms(
     runner: Runner,
     tokens: torch.Tensor,
     options: GraphOptions = GraphOptions(),
-) -> dict[str, dict[str, list[float]]]:
+) -> dict[str, Any]:
     """Median ms of the cached 100-over-10,000 step through CudaModelRunner's extend graph (batch build
     included), and the median host ms to issue it, per `graph_variants`, measured alternately
-    `options.rounds` times each in one process: {"step_ms": {variant: [...]}, "issue_ms": {...}}."""
+    `options.rounds` times each in one process, each round opened by the cold 10,100-token forward (so
+    each round's ratio compares the two in the same state of the card: clocks and temperature drift over
+    a run): {"step_ms": {variant: [...]}, "issue_ms": {...}, "cold_ms": [...], "round_start_unix": [...]}."""
     pages = list(range((10_100 + PAGE - 1) // PAGE))
     ids = tokens[10_000:].tolist()
     runners = {}
@@ -355,11 +367,15 @@ def graphed_cached_ms(
             torch.backends.cuda.preferred_blas_library("default")
             triton_pdl.force = None
         runners[variant.name] = cuda
-    figures: dict[str, dict[str, list[float]]] = {
+    figures: dict[str, Any] = {
         "step_ms": {name: [] for name in runners},
         "issue_ms": {name: [] for name in runners},
+        "cold_ms": [],
+        "round_start_unix": [],
     }
     for _ in range(options.rounds):
+        figures["round_start_unix"].append(round(time.time(), 3))
+        figures["cold_ms"].append(runner.time_forward(tokens, 0, reps=3))
         for name, cuda in runners.items():
 
             def step(cuda=cuda) -> torch.Tensor:

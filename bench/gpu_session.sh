@@ -30,6 +30,12 @@ if [ -d .jitcache ]; then
   done
 fi
 python3 bench/gpu_warm.py 2>&1 | tee "$OUT/warm.log"
+# SMI_TRACE=1: the card's clocks, power and temperature every 200 ms while the steps run (to tell the
+# card's own drift from a change in the code when figures move between rounds).
+if [ "${SMI_TRACE:-0}" = 1 ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv,nounits -lms 200 > "$OUT/smi_trace.csv" 2>&1 &
+fi
 # Each step under its own time limit (STEP_TIMEOUT seconds), so one that hangs leaves the rest their time.
 T="timeout ${STEP_TIMEOUT:-590}"
 for step in "$@"; do
