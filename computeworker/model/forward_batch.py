@@ -150,8 +150,8 @@ class PackedFields:
         self, q_lens: tuple[int, ...], kv_lens: tuple[int, ...], device: torch.device | str
     ) -> ForwardBatch:
         """The ForwardBatch of these fields, copied to `device` when a device field is first read."""
-        wide = np.split(self.wide, np.cumsum(self.wide_sizes)[:-1])
-        narrow = np.split(self.narrow, np.cumsum(self.narrow_sizes)[:-1])
+        wide = _slices(self.wide, self.wide_sizes)
+        narrow = _slices(self.narrow, self.narrow_sizes)
         host = HostInputs(wide[0], wide[1], wide[2], wide[3], narrow[0], narrow[2])
         return ForwardBatch.deferred(lambda: self.to_device(device), q_lens, kv_lens, host)
 
@@ -172,6 +172,15 @@ class PackedFields:
             write_page_ids=wide[2],
             write_slots=wide[3],
         )
+
+
+def _slices(array: np.ndarray, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """Consecutive views of `array` of these sizes (np.split costs ~20 us a call in its generality)."""
+    views, at = [], 0
+    for size in sizes:
+        views.append(array[at : at + size])
+        at += size
+    return views
 
 
 def packed_to_device(
