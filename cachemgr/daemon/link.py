@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -90,6 +91,8 @@ class WorkerLink:
             self._loop.remove_reader(self._fd)
             self._loop = None
         self._socket.close()
+        if self.endpoint.startswith("ipc://"):  # libzmq leaves the socket file behind
+            Path(self.endpoint[len("ipc://") :]).unlink(missing_ok=True)
 
     def send(self, identity: bytes, msg: DaemonToWorker) -> None:
         data = self._encode(msg)

@@ -164,7 +164,9 @@ def test_after_close_nothing_is_read_and_send_only_logs(loop_factory, tmp_path: 
     async def scenario() -> None:
         h = Harness(tmp_path)
         h.link.start()
+        assert (tmp_path / "link.sock").exists()
         await h.link.close()
+        assert not (tmp_path / "link.sock").exists()  # the ipc socket file goes with the socket
         h.link.send(b"w", Abort(request_id=b"r", reason="late"))  # must not raise
         await asyncio.sleep(0.02)
         assert h.got == []
