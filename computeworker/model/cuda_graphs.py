@@ -4,8 +4,9 @@ A decode step of the 8B model is ~400 kernel launches; issued one by one from Py
 time than the GPU needs to run them. A graph replays them with one launch. What a graph bakes in, and
 therefore what must stay put between capture and replay:
 
-    static inputs   input_ids [bs], positions [bs], K/V write rows [bs]    (staged per step in one
-                                                                            transfer: graph_inputs)
+    static inputs   input_ids [bs], positions [bs], K/V write rows [bs]    (staged per step in host
+                                                                            memory that the graph's first
+                                                                            node copies in: graph_inputs)
     attention       a FlashInfer decode wrapper in CUDA-graph mode with fixed indptr / indices /
                     last-page-len buffers; plan() runs on the host before each replay and rewrites them
     the pool        pool[layer] addresses: a new pool mapping needs a new capture
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from computeworker.model.attention_flashinfer import AttentionShape, FlashInferAttention
@@ -53,7 +55,7 @@ class _Slot:
     batch_size: int
     wrapper: object  # flashinfer.BatchDecodeWithPagedKVCacheWrapper (CUDA-graph mode)
     batch: ForwardBatch  # static inputs the graph reads (input_ids and positions are views of `inputs`)
-    inputs: GraphInputs  # staged per step in one transfer
+    inputs: GraphInputs  # staged per step; the graph copies them in
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
 
@@ -236,13 +238,19 @@ class DecodeGraphs:
             slot = self._slots[bs]
             attn = GraphAttention(slot.wrapper, slot.inputs.kv_rows, self.shape)
             self._plan(slot, (1,) * bs, slot.batch.kv_page_ids)
+            slot.inputs.stage(np.zeros(0, dtype=np.int64))
+
+            def forward(pool: torch.Tensor, slot: _Slot = slot, attn: GraphAttention = attn) -> torch.Tensor:
+                slot.inputs.copy_in()
+                return self._forward(slot.batch, pool, attn, False)
+
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._forward(slot.batch, scratch_pool, attn, False)
+                forward(scratch_pool)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._mempool, stream=side):
-                slot.logits = self._forward(slot.batch, self.pool, attn, False)
+                slot.logits = forward(self.pool)
             slot.graph = graph
         torch.cuda.synchronize(self._attention.device)
         seconds = time.perf_counter() - start

@@ -5,8 +5,8 @@ the GPU, but ~400 launches issued from Python cost ~7 ms of host time: eager, th
 One graph per (number of sequences, padded token count) replays the whole fused forward with one launch.
 
     static inputs   input_ids [T_pad], positions [T_pad], K/V write rows [T_pad], qo_indptr [n+1], staged
-                    by the host in one buffer and copied in one transfer (graph_inputs); the graph's
-                    first kernel copies qo_indptr into the int32 buffer the forward reads
+                    by the host in one buffer that the graph's first node copies in (graph_inputs); a
+                    kernel then converts qo_indptr into the int32 buffer the forward reads
     attention       a FlashInfer paged-prefill wrapper in CUDA-graph mode, fixed batch size n, fixed
                     qo / kv indptr, page-id and last-page-len buffers; plan() runs on the host before
                     each replay and rewrites them (and the work schedule in its int workspace)
@@ -277,7 +277,9 @@ class ExtendGraphs:
             # Capture-time pages cycle through the scratch pool: reading repeats is harmless, and the
             # write rows (all zero here) only ever land in the scratch pool.
             page_ids = torch.arange(num_pages, dtype=torch.int32, device=self._attention.device) % num_scratch
-            slot.inputs.extra.copy_(qo_indptr_of(s.q_lens))
+            slot.inputs.stage(
+                qo_indptr_of(s.q_lens).numpy(), page_ids.cpu().numpy() if slot.stages_pages else None
+            )
             self._plan(slot, s.q_lens, s.kv_lens, page_ids)
             slot.plan_key = plan_launch_key(slot.wrapper)
             attn: GraphAttention
@@ -291,6 +293,7 @@ class ExtendGraphs:
                 )
 
             def forward(pool: torch.Tensor, slot: _Slot = slot, attn: GraphAttention = attn) -> torch.Tensor:
+                slot.inputs.copy_in()
                 slot.batch.qo_indptr.copy_(slot.inputs.extra)  # int64 -> int32, inside the graph
                 return self._forward(slot.batch, pool, attn, False)
 
@@ -353,8 +356,8 @@ class ExtendGraphs:
         return slot
 
     def _stage_inputs(self, slot: _Slot, batch: ForwardBatch) -> None:
-        """Copy `batch`'s inputs (and, for the split attention, its page list) into the slot's static buffers
-        in one transfer, padded as the module doc says."""
+        """Stage `batch`'s inputs (and, for the split attention, its page list) for the slot's graph, which
+        copies them in, padded as the module doc says."""
         host = batch.host_inputs
         pages = host.kv_page_ids if slot.stages_pages else None
         slot.inputs.load(host, self.shape.page_size, extra=host.qo_indptr, pages=pages)

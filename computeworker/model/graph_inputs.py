@@ -1,23 +1,30 @@
-"""The inputs a captured CUDA graph reads, staged on the host and copied to the device in one transfer.
+"""The inputs a captured CUDA graph reads, staged on the host and copied to the device by the graph itself.
 
 A graph of R padded rows reads one int64 device buffer::
 
     input_ids [R] | positions [R] | K/V write rows [R, 2] | extra [E] | page ids [P] (int32, two a word)
 
 extra: the extend graphs' qo_indptr (E = B+1). Page ids: the batch's page list, for attention that reads
-it from a buffer of its own (split_extend); only the used part of that region is copied.
+it from a buffer of its own (split_extend).
 
-Before each replay the host writes the whole buffer into pinned memory with numpy (padding included) and
-issues one asynchronous copy. Each device op costs the host a driver call (32-93 us apiece on the H200
-hosts we measured, bench/results/gpu_notes.md runs 75-84), while numpy on a few hundred integers costs a few
-microseconds: the chain of small copies, adds and fills that used to prepare a replay cost more host time
-than the 100-token step's whole batch build.
+Before each replay the host writes the buffer's image into page-locked host memory with numpy (padding
+included); the graph's first node copies that image to the device (`copy_in`, captured with the graph).
+So staging a step costs no driver call at all: each one costs the host 32-93 us on the H200 hosts we
+measured (bench/results/gpu_notes.md runs 75-88), while numpy on a few hundred integers costs a few
+microseconds. The host image is memory of our own, registered with CUDA (cudaHostRegister), not torch's
+caching host allocator, which would record an event on every copy. Because one image serves every
+replay, `load` first waits on an event the graph records right after its copy: the previous replay must
+have read the image before the next step overwrites it (a wait that has always ended by then, since a
+step's results are read before the next one is prepared, and costs the host ~1 us).
 
 Padding rows (R - T of them): token 0 at position 0, their K/V aimed at row 0's slots (the graph writes
 row 0 last, so row 0's own K/V wins; see cuda_graphs.GraphAttention).
 """
 
 from __future__ import annotations
+
+import mmap
+import weakref
 
 import numpy as np
 import torch
@@ -26,20 +33,30 @@ from computeworker.model.batch import HostInputs
 
 
 class GraphInputs:
-    """One graph's input buffer and its views. State: the device buffer the graph was captured with.
-    Must hold: `load` is called on the stream the graph replays on, before the replay."""
+    """One graph's input buffer, its views, and the page-locked host image it is copied from. State: the
+    device buffer and host image the graph was captured with, the event marking the image read. Must
+    hold: the graph calls `copy_in` before anything reads the buffer; `load` (or `stage` at capture)
+    before each replay."""
 
     def __init__(self, rows: int, extra: int, device: torch.device, max_pages: int = 0) -> None:
         if rows < 1 or extra < 0 or max_pages < 0:
             raise ValueError(f"need rows >= 1, extra >= 0, max_pages >= 0, got {rows}, {extra}, {max_pages}")
         self.rows = rows
         self._fixed = 4 * rows + extra  # words before the page ids
-        self.buffer = torch.zeros(self._fixed + (max_pages + 1) // 2, dtype=torch.int64, device=device)
+        words = self._fixed + (max_pages + 1) // 2
+        self.buffer = torch.zeros(words, dtype=torch.int64, device=device)
         self.input_ids = self.buffer[:rows]
         self.positions = self.buffer[rows : 2 * rows]
         self.kv_rows = self.buffer[2 * rows : 4 * rows].view(rows, 2)  # [:, 0] K row, [:, 1] V row
         self.extra = self.buffer[4 * rows : self._fixed]
         self.pages = self.buffer[self._fixed :].view(torch.int32)[:max_pages]
+        self._image, self._image_tensor = page_locked_int64(words, owner=self)
+        self._copied = torch.cuda.Event(external=True)  # recorded inside the graph, after the copy
+
+    def copy_in(self) -> None:
+        """The graph's first op: the host image to the device buffer, then the event that says it was read."""
+        self.buffer.copy_(self._image_tensor, non_blocking=True)
+        self._copied.record()
 
     def load(
         self,
@@ -48,19 +65,50 @@ class GraphInputs:
         extra: np.ndarray | None = None,
         pages: np.ndarray | None = None,
     ) -> None:
-        """Stage `host`'s T <= rows tokens, `extra` (exactly the buffer's extra length) and `pages` (at most
-        max_pages) and copy them to the device without blocking. ValueError if they do not fit."""
+        """Write `host`'s T <= rows tokens, `extra` (exactly the buffer's extra length) and `pages` (at most
+        max_pages) into the host image the next replay copies in. ValueError if they do not fit."""
+        num_pages = self._check_pages(pages)
+        self._copied.synchronize()  # the last replay has copied the image
+        fill_inputs(self._image[: self._fixed], host, self.rows, page_size, extra)
+        if pages is not None:
+            self._image[self._fixed :].view(np.int32)[:num_pages] = pages
+
+    def stage(self, extra: np.ndarray, pages: np.ndarray | None = None) -> None:
+        """At capture: zero rows (token 0, position 0, K/V rows 0), `extra` and `pages` into the host image."""
+        num_pages = self._check_pages(pages)
+        if len(extra) != self._fixed - 4 * self.rows:
+            raise ValueError(f"{len(extra)} extra values for {self._fixed - 4 * self.rows}")
+        self._copied.synchronize()
+        self._image[: 4 * self.rows] = 0
+        self._image[4 * self.rows : self._fixed] = extra
+        if pages is not None:
+            self._image[self._fixed :].view(np.int32)[:num_pages] = pages
+
+    def _check_pages(self, pages: np.ndarray | None) -> int:
         num_pages = 0 if pages is None else len(pages)
         if num_pages > self.pages.shape[0]:
             raise ValueError(f"{num_pages} pages exceed the page buffer ({self.pages.shape[0]})")
-        words = self._fixed + (num_pages + 1) // 2
-        staged = torch.empty(words, dtype=torch.int64, pin_memory=True)
-        out = staged.numpy()
-        fill_inputs(out[: self._fixed], host, self.rows, page_size, extra)
-        if pages is not None:
-            out[self._fixed :].view(np.int32)[:num_pages] = pages
-        # Non-blocking: torch's caching host allocator keeps `staged` until the copy has run.
-        self.buffer[:words].copy_(staged, non_blocking=True)
+        return num_pages
+
+
+def page_locked_int64(words: int, owner: object) -> tuple[np.ndarray, torch.Tensor]:
+    """`words` int64 of host memory registered with CUDA as page-locked, as a numpy array and a torch
+    tensor over the same bytes (zeroed); unregistered when `owner` is collected."""
+    nbytes = max(8, words * 8)
+    memory = mmap.mmap(-1, nbytes)  # page-aligned, zero-filled
+    array = np.frombuffer(memory, dtype=np.int64, count=words)
+    tensor = torch.from_numpy(array)
+    cudart = torch.cuda.cudart()
+    error = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+    if int(error) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {error}")
+    weakref.finalize(owner, _unregister, cudart, tensor.data_ptr(), memory)
+    return array, tensor
+
+
+def _unregister(cudart: object, pointer: int, memory: mmap.mmap) -> None:
+    """Holds `memory` (the finalizer's argument) until its registration has ended."""
+    cudart.cudaHostUnregister(pointer)  # type: ignore[attr-defined]
 
 
 def fill_inputs(
