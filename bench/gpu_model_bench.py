@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from bench.gpu_timing import copy_tbps, host_issue_ms, matmul_tflops, run_metadata, time_ms
@@ -351,8 +352,9 @@ def graphed_cached_ms(
     `options.rounds` times each in one process, each round opened by the cold 10,100-token forward (so
     each round's ratio compares the two in the same state of the card: clocks and temperature drift over
     a run): {"step_ms": {variant: [...]}, "issue_ms": {...}, "cold_ms": [...], "round_start_unix": [...]}."""
-    pages = list(range((10_100 + PAGE - 1) // PAGE))
-    ids = tokens[10_000:].tolist()
+    # int32 arrays, as the engine holds a request's tokens and page table
+    pages = np.arange((10_100 + PAGE - 1) // PAGE, dtype=np.int32)
+    ids = tokens[10_000:].numpy().astype(np.int32)
     runners = {}
     for variant in graph_variants(options):
         cuda = cached_step_runner(model, variant.backend)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -110,8 +111,9 @@ def graph_step_figures(
 ) -> dict[str, Any]:
     """Time and profile the cached step through an extend graph on `backend`, and check its logits
     against the eager fused forward."""
-    ids = tokens[PREFIX:].tolist()
-    pages = list(range((PREFIX + QUESTION + PAGE - 1) // PAGE))
+    # int32 arrays, as the engine holds a request's tokens and page table
+    ids = tokens[PREFIX:].numpy().astype(np.int32)
+    pages = np.arange((PREFIX + QUESTION + PAGE - 1) // PAGE, dtype=np.int32)
 
     def batch() -> Any:
         return build_forward_batch([SeqChunk(ids, PREFIX, pages)], PAGE, "cuda")
