@@ -101,6 +101,7 @@ class SplitExtendAttention:
         self._last_rows_real = -1  # the value in _num_rows_real (a fill is a launch: skipped when equal)
         self._launch_key: tuple[int, ...] | None = None  # cached until a plan rewrites a plan info
         self._planned = False
+        self._last_lens: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # of the last plan
         self._scheduled: dict[int, bytes] = {}  # per wrapper: the inputs of the work list in its workspace
 
     @property
@@ -120,6 +121,8 @@ class SplitExtendAttention:
             raise ValueError(f"planned for {self.batch_size} sequences, got {len(q_lens)}")
         if page_ids is not None and page_ids.shape[0] > self._page_ids.shape[0]:
             raise ValueError(f"{page_ids.shape[0]} pages exceed the page buffer ({self._page_ids.shape[0]})")
+        if page_ids is None and self._planned and self._last_lens == (q_lens, kv_lens):
+            return  # the same lengths as the last plan: its layout, row count and work lists all stand
         layout = split_layout(
             q_lens,
             kv_lens,
@@ -137,6 +140,7 @@ class SplitExtendAttention:
         plan(self._chunks, layout.chunk_qo_indptr, layout.chunk_kv_start, layout.chunk_kv_len, False)
         plan(self._tail, layout.tail_qo_indptr, layout.tail_kv_start, layout.tail_kv_len, True)
         self._planned = True
+        self._last_lens = (q_lens, kv_lens)
 
     def attend(self, kv_layer: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Attention of the q in `q_copies` over the planned KV of `kv_layer`; writes and returns `out`
