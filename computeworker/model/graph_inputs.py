@@ -9,13 +9,14 @@ it from a buffer of its own (split_extend).
 
 Before each replay the host writes the buffer's image into page-locked host memory with numpy (padding
 included); the graph's first node copies that image to the device (`copy_in`, captured with the graph).
-So staging a step costs no driver call at all: each one costs the host 32-93 us on the H200 hosts we
-measured (bench/results/gpu_notes.md runs 75-88), while numpy on a few hundred integers costs a few
+So staging a step makes no copy call: each driver call costs the host 28-97 us on the H200 hosts we
+measured (bench/results/gpu_notes.md runs 75-91), while numpy on a few hundred integers costs a few
 microseconds. The host image is memory of our own, registered with CUDA (cudaHostRegister), not torch's
 caching host allocator, which would record an event on every copy. Because one image serves every
 replay, `load` first waits on an event the graph records right after its copy: the previous replay must
 have read the image before the next step overwrites it (a wait that has always ended by then, since a
-step's results are read before the next one is prepared, and costs the host ~1 us).
+step's results are read before the next one is prepared: one driver call that returns at once; staging
+took 19.6 us in all, numpy included, in run 91).
 
 Padding rows (R - T of them): token 0 at position 0, their K/V aimed at row 0's slots (the graph writes
 row 0 last, so row 0's own K/V wins; see cuda_graphs.GraphAttention).
