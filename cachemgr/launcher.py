@@ -197,7 +197,7 @@ class Supervisor:
             worker.start()
 
     def wait_ready(self, min_workers: int = 1, cancel: threading.Event | None = None) -> bool:
-        """Block until /health reports at least min_workers workers (True), or `cancel` is set
+        """Block until /health reports at least min_workers ready workers (True), or `cancel` is set
         (False). Raises RuntimeError if the daemon exits first or the ready timeout passes."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline:
@@ -215,7 +215,8 @@ class Supervisor:
         raise RuntimeError(f"the stack was not ready within {self.config.ready_timeout_s:.0f} s")
 
     def health_workers(self) -> int | None:
-        """Workers registered according to /health; None while the daemon does not answer."""
+        """Workers ready according to /health (registered and warmed up); None while the daemon does not
+        answer."""
         try:
             with urllib.request.urlopen(self.config.url + "/health", timeout=2) as resp:
                 body = resp.read()
@@ -224,7 +225,7 @@ class Supervisor:
         except OSError:
             return None
         try:
-            return int(json.loads(body)["workers"])
+            return int(json.loads(body)["ready_workers"])
         except (ValueError, KeyError, TypeError):
             return None
 

@@ -149,6 +149,7 @@ class WorkerRuntime:
             max_running=self._config.max_running,
             model=self._info.name,
             name=self._config.name,
+            ready=False,  # the first Heartbeat after warm-up says ready (_serve)
         )
         welcome = await link.register(msg, self._config.welcome_timeout_s)
         if welcome is not None:
@@ -276,8 +277,8 @@ class WorkerRuntime:
 
     async def _heartbeat(self, link: DaemonLink, engine: Engine | None, interval_s: float) -> None:
         while True:
-            if engine is None:  # still starting: nothing running
-                await link.send(Heartbeat(0, 0, 0))
+            if engine is None:  # still starting: nothing running, no request to be sent here yet
+                await link.send(Heartbeat(0, 0, 0, ready=False))
             else:
                 await link.send(
                     Heartbeat(

@@ -26,7 +26,7 @@ import msgspec
 # 3: SamplingParams penalties (presence, frequency, repetition), min_p, logit_bias, min_tokens,
 #    prompt_logprobs; the PromptLogprobs message
 # 4: SamplingParams.structured (grammar-constrained output)
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # 5: Register.ready / Heartbeat.ready (a worker warming up takes no requests)
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # anything larger is dropped unread
 
 
@@ -179,6 +179,9 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
     model: str
     name: str = ""
     pid_namespace: int = 0  # shared.process_identity.pid_namespace_id(); 0 = unknown
+    # False: still warming up (mapping the pool, compiling kernels, capturing graphs): the daemon gives it
+    # no request until a Heartbeat says ready.
+    ready: bool = True
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", forbid_unknown_fields=True):
@@ -190,6 +193,7 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", forbid_unknown_fie
     num_waiting: int
     kv_tokens_in_use: int = 0
     steps_done: int = 0
+    ready: bool = True  # False while the worker warms up (see Register.ready)
 
 
 class Commit(msgspec.Struct, frozen=True, tag="commit", forbid_unknown_fields=True):

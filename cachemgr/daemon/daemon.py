@@ -255,6 +255,7 @@ class Daemon:
                 "reported_waiting": w.reported_waiting,
                 "last_seen_s": round(now - w.last_seen, 3),
                 "registered_s": round(now - w.registered_at, 3),
+                "ready": w.ready,
             }
             for w in self._workers
         ]

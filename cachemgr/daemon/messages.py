@@ -140,6 +140,13 @@ class WorkerMessages:
         self.s.link.send(identity, welcome)
 
     def _heartbeat(self, worker: WorkerState, msg: Heartbeat) -> None:
+        if msg.ready and not worker.ready:
+            logger.info(
+                "worker %d ready after %.1f s of warm-up",
+                worker.worker_id,
+                worker.last_seen - worker.registered_at,
+            )
+            self.s.workers.mark_ready(worker)
         worker.reported_running = msg.num_running
         worker.reported_waiting = msg.num_waiting
         if msg.steps_done != worker.steps_done:

@@ -66,6 +66,7 @@ class WorkerState:
     reported_running: int = 0
     reported_waiting: int = 0
     steps_done: int = 0  # last Heartbeat.steps_done
+    ready: bool = True  # takes requests (False from registration until it has warmed up)
     progress_at: float = 0.0  # monotonic time of the last sign of progress (see DaemonSettings)
 
     @property

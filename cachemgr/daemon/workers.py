@@ -56,20 +56,30 @@ class WorkerRegistry:
             last_seen=now,
             progress_at=now,
             same_pid_namespace=reg.pid_namespace != 0 and reg.pid_namespace == pid_namespace_id(),
+            ready=reg.ready,
         )
         self._next_id += 1
         self._by_identity[identity] = worker
         self.capacity.notify()
         return worker
 
+    def mark_ready(self, worker: WorkerState) -> None:
+        """The worker has warmed up: from now on it takes requests."""
+        worker.ready = True
+        self.capacity.notify()
+
+    @property
+    def num_ready(self) -> int:
+        return sum(w.ready for w in self._by_identity.values())
+
     def remove(self, worker: WorkerState) -> None:
         del self._by_identity[worker.identity]
         self.capacity.notify()
 
     def pick(self) -> WorkerState | None:
-        """The least-loaded (spread) or most-loaded (pack) worker with a free slot, or None. Ties go to
-        the longest registered."""
-        free = [w for w in self._by_identity.values() if w.has_capacity]
+        """The least-loaded (spread) or most-loaded (pack) ready worker with a free slot, or None. Ties go
+        to the longest registered."""
+        free = [w for w in self._by_identity.values() if w.ready and w.has_capacity]
         if not free:
             return None
         choose = max if self.dispatch == "pack" else min  # both keep the first of equals

@@ -71,9 +71,24 @@ class _Api:
         self.created = int(time.time())
 
     async def health(self, request: web.Request) -> web.Response:
-        num_workers = len(self.daemon.workers_info())
-        status = "draining" if self.daemon.draining else "ok" if num_workers else "no_workers"
-        body = {"status": status, "workers": num_workers, "model": self.model_name}
+        workers = self.daemon.workers_info()
+        num_ready = sum(w["ready"] for w in workers)
+        # "starting": workers are registered but still warming up (requests wait for them meanwhile)
+        status = (
+            "draining"
+            if self.daemon.draining
+            else "ok"
+            if num_ready
+            else "starting"
+            if workers
+            else "no_workers"
+        )
+        body = {
+            "status": status,
+            "workers": len(workers),
+            "ready_workers": num_ready,
+            "model": self.model_name,
+        }
         return web.json_response(body, status=200 if status == "ok" else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:

@@ -49,6 +49,20 @@ def test_pack_with_idle_workers_takes_the_longest_registered() -> None:
     assert _give(_registry("pack", (2, 2, 2)), 1) == [1]
 
 
+@pytest.mark.parametrize("dispatch", ["spread", "pack"])
+def test_a_worker_warming_up_gets_nothing_until_it_is_ready(dispatch: str) -> None:
+    reg = WorkerRegistry(dispatch)
+    warming = reg.add(b"w0", Register(PROTOCOL_VERSION, 100, "cuda:0", 4, "m", ready=False))
+    assert reg.pick() is None and reg.num_ready == 0
+    ready = reg.add(b"w1", Register(PROTOCOL_VERSION, 101, "cuda:0", 4, "m"))
+    assert _give(reg, 3) == [ready.worker_id] * 3
+    waiting = reg.capacity.current()
+    reg.mark_ready(warming)
+    assert waiting.is_set()  # dispatches waiting for a slot look again
+    assert reg.num_ready == 2
+    assert reg.pick() is (warming if dispatch == "spread" else ready)
+
+
 def test_unknown_dispatch_is_refused() -> None:
     with pytest.raises(ValueError, match="dispatch"):
         WorkerRegistry("random")

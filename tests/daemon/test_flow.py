@@ -56,6 +56,21 @@ async def test_dispatch_commit_then_cached_hit(daemon: Daemon, procs: ProcessGro
     )
 
 
+async def test_a_worker_warming_up_takes_requests_only_once_ready(
+    daemon: Daemon, procs: ProcessGroup
+) -> None:
+    await start_workers(daemon, procs, ("--warm-up", "1.0"))
+    assert [w["ready"] for w in daemon.workers_info()] == [False]
+    stream = await daemon.submit(NS, PROMPT, SamplingParams(max_tokens=4))  # accepted: it waits
+    await asyncio.sleep(0.3)
+    assert dispatches(procs) == []
+    assert await collect(stream) == expected_output(PROMPT, 4)
+    kinds = [e["event"] for e in procs.events()]
+    assert kinds.index("ready") < kinds.index("dispatch")
+    assert [w["ready"] for w in daemon.workers_info()] == [True]
+    daemon.check()
+
+
 async def test_whole_prompt_cached_still_computes_one_page(daemon: Daemon, procs: ProcessGroup) -> None:
     await start_workers(daemon, procs, ())
     prompt = list(range(30, 38))  # exactly 2 pages

@@ -112,6 +112,7 @@ class ScriptedWorker:
         self.tokens_emitted = 0
         self.running = True
         self.shutdown_by_daemon = False
+        self.said_ready = args.warm_up == 0
 
     def log(self, event: str, **fields: object) -> None:
         if self.args.log:
@@ -134,12 +135,14 @@ class ScriptedWorker:
                 max_running=self.args.max_running,
                 model=self.args.model,
                 name=self.args.name,
+                ready=self.args.warm_up == 0,
             )
         )
 
     def run(self) -> None:
         self.register()
         last_hb = time.monotonic()
+        ready_at = last_hb + self.args.warm_up  # a real worker maps the pool and warms kernels meanwhile
         while self.running:
             now = time.monotonic()
             timeout_ms = max(1, int(1000 * min(self._next_wake(now) - now, self.hb_interval)))
@@ -147,8 +150,12 @@ class ScriptedWorker:
                 while self.sock.poll(0):
                     self.on_message(self.codec.decode_from_daemon(self.sock.recv()))
             now = time.monotonic()
-            if now - last_hb >= self.hb_interval and self.pool is not None:
-                self.send(Heartbeat(num_running=len(self.requests), num_waiting=0))
+            ready = now >= ready_at
+            if self.pool is not None and (now - last_hb >= self.hb_interval or ready != self.said_ready):
+                self.send(Heartbeat(num_running=len(self.requests), num_waiting=0, ready=ready))
+                if ready and not self.said_ready:
+                    self.log("ready")
+                self.said_ready = ready
                 last_hb = now
             for req in list(self.requests.values()):
                 self.step(req, now)
@@ -355,6 +362,12 @@ def main() -> None:
     )
     parser.add_argument("--crash-after", type=int, default=0, help="SIGKILL itself after N output tokens")
     parser.add_argument("--log", default="", help="append JSON lines of events here")
+    parser.add_argument(
+        "--warm-up",
+        type=float,
+        default=0.0,
+        help="register as not ready and say ready after this many seconds",
+    )
     args = parser.parse_args()
     worker = ScriptedWorker(args)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))

@@ -85,11 +85,12 @@ class ScriptedDaemon:
     refuse: Exception | None = None
     fail_after: int | None = None
     hold: bool = False
+    num_warming: int = 0  # the first num_warming workers report ready False
     submitted: list[Submitted] = field(default_factory=list)
     aborted: list[bytes] = field(default_factory=list)
 
     def workers_info(self) -> list[dict[str, object]]:
-        return [{"worker_id": i} for i in range(self.num_workers)]
+        return [{"worker_id": i, "ready": i >= self.num_warming} for i in range(self.num_workers)]
 
     async def submit(
         self, ns: object, token_ids: list[int], sampling: SamplingParams, *, request_id: bytes | None = None

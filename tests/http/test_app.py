@@ -17,10 +17,22 @@ from tests.http.doubles import MODEL, ScriptedDaemon, sse_events, start_client
 
 async def test_health_and_models_and_metrics(client: TestClient, daemon: ScriptedDaemon) -> None:
     r = await client.get("/health")
-    assert (r.status, await r.json()) == (200, {"status": "ok", "workers": 1, "model": MODEL})
-    daemon.num_workers = 0
+    assert (r.status, await r.json()) == (
+        200,
+        {"status": "ok", "workers": 1, "ready_workers": 1, "model": MODEL},
+    )
+    daemon.num_warming = 1  # registered, still warming up: not serving yet
     r = await client.get("/health")
-    assert (r.status, await r.json()) == (503, {"status": "no_workers", "workers": 0, "model": MODEL})
+    assert (r.status, await r.json()) == (
+        503,
+        {"status": "starting", "workers": 1, "ready_workers": 0, "model": MODEL},
+    )
+    daemon.num_workers, daemon.num_warming = 0, 0
+    r = await client.get("/health")
+    assert (r.status, await r.json()) == (
+        503,
+        {"status": "no_workers", "workers": 0, "ready_workers": 0, "model": MODEL},
+    )
     r = await client.get("/v1/models")
     body = await r.json()
     assert [(m["id"], m["object"], m["owned_by"]) for m in body["data"]] == [(MODEL, "model", "radixkv")]

@@ -97,7 +97,10 @@ async def _complete(client: TestClient, prompt: list[int], **body: object) -> di
 async def test_no_workers_and_prompt_too_large(tmp_path: Path) -> None:
     async with _serving(tmp_path, num_workers=0) as (_, client):
         r = await client.get("/health")
-        assert (r.status, await r.json()) == (503, {"status": "no_workers", "workers": 0, "model": MODEL})
+        assert (r.status, await r.json()) == (
+            503,
+            {"status": "no_workers", "workers": 0, "ready_workers": 0, "model": MODEL},
+        )
         r = await client.post("/v1/completions", json={"prompt": [5, 6]})
         assert (r.status, (await r.json())["error"]["code"]) == (503, "no_workers")
         r = await client.post("/v1/completions", json={"prompt": [5] * CONTEXT})

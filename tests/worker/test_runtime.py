@@ -116,8 +116,12 @@ async def test_register_stream_reconnect_after_daemon_restart_and_shutdown(ctx: 
             3,
             "tiny",
         )
+        assert reg.ready is False  # registered before warming up; a heartbeat says when it is ready
         beat = await daemon.recv(skip_heartbeats=False)
-        assert beat == Heartbeat(0, 0, 0)
+        while isinstance(beat, Heartbeat) and not beat.ready:  # beats while the engine is made
+            assert beat == Heartbeat(0, 0, 0, ready=False)
+            beat = await daemon.recv(skip_heartbeats=False)
+        assert beat == Heartbeat(0, 0, 0, ready=True)
         tokens, fin = await daemon.run_request(b"a" * 16)
         assert tokens == [4, 5, 6]
         assert (fin.reason, bytes_to_ids(fin.tokens).tolist(), bytes_to_ids(fin.page_ids).tolist()) == (
