@@ -78,9 +78,10 @@ radixkv-healthcheck cachemgr
     503 means none yet; both mean the daemon is up. 503 must count as healthy: workers start only once
     the daemon is healthy (compose depends_on), so requiring 200 would deadlock the stack.
 radixkv-healthcheck worker
-    The daemon's admin socket lists a worker registered from this container (its name or pid) whose
-    last message is recent. The daemon drops workers that stop heartbeating, so this is a heartbeat
-    check, and it also fails while the worker is still loading its model or mapping the pool.
+    The daemon's admin socket lists a worker registered from this container (by name) that is ready
+    (warmed up: kernels loaded, graphs captured). The daemon drops workers that stop heartbeating, so
+    this is a heartbeat check, and it also fails while the worker is still loading its model, mapping
+    the pool or warming up.
 """
 import json
 import os
@@ -110,7 +111,7 @@ def worker() -> bool:
     if done.returncode != 0:
         return False
     name = os.environ.get("RADIXKV_WORKER_NAME") or socket.gethostname()
-    return any(w["name"] == name for w in json.loads(done.stdout))
+    return any(w["name"] == name and w.get("ready", True) for w in json.loads(done.stdout))
 
 
 if __name__ == "__main__":

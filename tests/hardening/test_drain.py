@@ -47,7 +47,7 @@ async def test_sigterm_drains_running_requests_and_refuses_new_ones(tmp_path: Pa
                 await asyncio.sleep(0.3)
                 assert await _health(http, url) == (
                     503,
-                    {"status": "draining", "workers": 1, "model": "tiny-random"},
+                    {"status": "draining", "workers": 1, "ready_workers": 1, "model": "tiny-random"},
                 )
                 async with http.post(
                     url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}
