@@ -44,6 +44,7 @@ _PAGE_STATES = ("free", "cached", "leased", "locked", "pinned")
 _DAEMON_GAUGES = (
     ("queue_depth", "queue_depth", "Requests waiting to be dispatched to a worker."),
     ("workers", "workers", "Registered compute workers."),
+    ("ready_workers", "ready_workers", "Registered workers that have warmed up and take requests."),
     ("running_requests", "running", "Requests dispatched to a worker and not finished."),
 )
 

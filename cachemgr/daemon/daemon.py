@@ -232,6 +232,7 @@ class Daemon:
         running = sum(len(w.request_ids) for w in self._workers)
         return {
             "workers": len(self._workers),
+            "ready_workers": self._workers.num_ready,
             "queue_depth": s.num_waiting,
             "running": running,
             **s.counters,

@@ -36,7 +36,7 @@ class FakeDaemon:
         self.bookkeeping_error: str | None = None  # set by a test to break the daemon's own invariant
 
     def stats(self) -> dict[str, Any]:
-        return {"workers": 2, "queue_depth": 3, "running": 1, "requests_total": 7}
+        return {"workers": 2, "ready_workers": 1, "queue_depth": 3, "running": 1, "requests_total": 7}
 
     def workers_info(self) -> list[dict[str, Any]]:
         return [

@@ -63,7 +63,7 @@ async def test_stats(server: AdminServer, daemon: FakeDaemon, capsys: pytest.Cap
             "num_nodes": 4,
             "policy": DEFAULT_POLICY,
         },
-        "daemon": {"workers": 2, "queue_depth": 3, "running": 1, "requests_total": 7},
+        "daemon": {"workers": 2, "ready_workers": 1, "queue_depth": 3, "running": 1, "requests_total": 7},
     }
     assert await cli(server, "stats") == 0
     out = capsys.readouterr().out

@@ -50,6 +50,7 @@ def test_gauges_and_counters_are_read_at_scrape_time(daemon: FakeDaemon) -> None
         ("radixkv_leases", ()): 1.0,
         ("radixkv_queue_depth", ()): 3.0,
         ("radixkv_workers", ()): 2.0,
+        ("radixkv_ready_workers", ()): 1.0,
         ("radixkv_running_requests", ()): 1.0,
         **{key: value for key, value in got.items() if "_seconds" in key[0]},
     }
