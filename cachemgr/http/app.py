@@ -73,16 +73,14 @@ class _Api:
     async def health(self, request: web.Request) -> web.Response:
         workers = self.daemon.workers_info()
         num_ready = sum(w["ready"] for w in workers)
-        # "starting": workers are registered but still warming up (requests wait for them meanwhile)
-        status = (
-            "draining"
-            if self.daemon.draining
-            else "ok"
-            if num_ready
-            else "starting"
-            if workers
-            else "no_workers"
-        )
+        if self.daemon.draining:
+            status = "draining"
+        elif num_ready:
+            status = "ok"
+        elif workers:
+            status = "starting"  # registered, still warming up: requests wait for them meanwhile
+        else:
+            status = "no_workers"
         body = {
             "status": status,
             "workers": len(workers),

@@ -68,28 +68,28 @@ class GraphInputs:
     ) -> None:
         """Write `host`'s T <= rows tokens, `extra` (exactly the buffer's extra length) and `pages` (at most
         max_pages) into the host image the next replay copies in. ValueError if they do not fit."""
-        num_pages = self._check_pages(pages)
+        self._check_pages(pages)
         self._copied.synchronize()  # the last replay has copied the image
         fill_inputs(self._image[: self._fixed], host, self.rows, page_size, extra)
-        if pages is not None:
-            self._image[self._fixed :].view(np.int32)[:num_pages] = pages
+        self._write_pages(pages)
 
     def stage(self, extra: np.ndarray, pages: np.ndarray | None = None) -> None:
         """At capture: zero rows (token 0, position 0, K/V rows 0), `extra` and `pages` into the host image."""
-        num_pages = self._check_pages(pages)
+        self._check_pages(pages)
         if len(extra) != self._fixed - 4 * self.rows:
             raise ValueError(f"{len(extra)} extra values for {self._fixed - 4 * self.rows}")
         self._copied.synchronize()
         self._image[: 4 * self.rows] = 0
         self._image[4 * self.rows : self._fixed] = extra
-        if pages is not None:
-            self._image[self._fixed :].view(np.int32)[:num_pages] = pages
+        self._write_pages(pages)
 
-    def _check_pages(self, pages: np.ndarray | None) -> int:
-        num_pages = 0 if pages is None else len(pages)
-        if num_pages > self.pages.shape[0]:
-            raise ValueError(f"{num_pages} pages exceed the page buffer ({self.pages.shape[0]})")
-        return num_pages
+    def _check_pages(self, pages: np.ndarray | None) -> None:
+        if pages is not None and len(pages) > self.pages.shape[0]:
+            raise ValueError(f"{len(pages)} pages exceed the page buffer ({self.pages.shape[0]})")
+
+    def _write_pages(self, pages: np.ndarray | None) -> None:
+        if pages is not None:
+            self._image[self._fixed :].view(np.int32)[: len(pages)] = pages
 
 
 def page_locked_int64(words: int, owner: object) -> tuple[np.ndarray, torch.Tensor]:
