@@ -50,34 +50,54 @@ def _token_ids(value: str) -> list[int]:
     return ids
 
 
-def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    # Connection options are accepted after the command too (`cachemgr admin stats --json`).
+def _connection_options(env: Mapping[str, str], *, with_defaults: bool) -> argparse.ArgumentParser:
+    """The connection options as a parent parser. The command's copy has no defaults (SUPPRESS), so an
+    option given before the command (`cachemgr admin --json stats`) is not reset by the command's parser,
+    and one given after it (`cachemgr admin stats --json`) wins."""
+
+    def default(value: object) -> object:
+        return value if with_defaults else argparse.SUPPRESS
+
     common = argparse.ArgumentParser(add_help=False)
     conn = common.add_argument_group("connection")
     conn.add_argument(
         "--socket",
         type=Path,
-        default=default_socket_path(env),
+        default=default(default_socket_path(env)),
         help="admin Unix socket (env RADIXKV_ADMIN_SOCKET; default <run dir>/admin.sock, run dir = "
         "$RADIXKV_RUN_DIR or /tmp/radixkv-$UID)",
     )
     conn.add_argument(
         "--tcp",
         type=_tcp_address,
-        default=_tcp_address(env["RADIXKV_ADMIN_TCP"]) if env.get("RADIXKV_ADMIN_TCP") else None,
+        default=default(_tcp_address(env["RADIXKV_ADMIN_TCP"]) if env.get("RADIXKV_ADMIN_TCP") else None),
         metavar="HOST:PORT",
         help="use the daemon's TCP admin listener instead of the socket (env RADIXKV_ADMIN_TCP)",
     )
     conn.add_argument(
         "--token",
-        default=env.get("RADIXKV_ADMIN_TOKEN"),
+        default=default(env.get("RADIXKV_ADMIN_TOKEN")),
         help="token for --tcp (env RADIXKV_ADMIN_TOKEN; prefer the env var: argv is visible to others)",
     )
-    conn.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (30)")
-    conn.add_argument("--json", action="store_true", help="print the raw result as JSON (for scripts)")
+    conn.add_argument(
+        "--timeout", type=float, default=default(30.0), help="seconds to wait for the daemon (30)"
+    )
+    conn.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the raw result as JSON (for scripts)",
+    )
+    return common
 
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    # Connection options go before or after the command (`cachemgr admin --json stats`, `... stats --json`).
+    common = _connection_options(env, with_defaults=False)
     parser = argparse.ArgumentParser(
-        prog="cachemgr admin", description="Inspect and manage a running cachemgr daemon's prefix cache."
+        prog="cachemgr admin",
+        description="Inspect and manage a running cachemgr daemon's prefix cache.",
+        parents=[_connection_options(env, with_defaults=True)],
     )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("stats", parents=[common], help="cache and daemon counters")

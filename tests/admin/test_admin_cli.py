@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cachemgr.admin.cli import default_socket_path, main
+from cachemgr.admin.cli import build_parser, default_socket_path, main
 from cachemgr.admin.server import AdminServer
 from cachemgr.cache import DEFAULT_POLICY, IntegrityError, Namespace
 from tests.admin.conftest import MODEL, NUM_PAGES, PAGE_SIZE, TOKEN, FakeDaemon, cache_prompt
@@ -219,6 +219,24 @@ async def test_tcp_with_token_from_env(server: AdminServer, capsys: pytest.Captu
     env["RADIXKV_ADMIN_TOKEN"] = "not-the-right-token-at-all"
     assert await asyncio.to_thread(main, ["check"], env) == 1
     assert capsys.readouterr().err == "error (unauthorized): missing or wrong token\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "json_out", "timeout"),
+    [
+        (["--json", "stats"], True, 30.0),
+        (["stats", "--json"], True, 30.0),
+        (["stats"], False, 30.0),
+        (["--timeout", "5", "workers"], False, 5.0),
+        (["--timeout", "5", "workers", "--timeout", "7"], False, 7.0),  # after the command wins
+    ],
+)
+def test_connection_options_go_before_or_after_the_command(
+    argv: list[str], json_out: bool, timeout: float
+) -> None:
+    ns = build_parser({"RADIXKV_ADMIN_TOKEN": "t"}).parse_args(argv)
+    assert (ns.json, ns.timeout, ns.token, ns.tcp) == (json_out, timeout, "t", None)
+    assert ns.socket == default_socket_path({})
 
 
 def test_default_socket_path() -> None:
